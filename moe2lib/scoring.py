@@ -1,0 +1,163 @@
+"""Score a multiple-choice data set with a list of experts into the scores artifact.
+
+The artifact (one ``.npz``, no pickle) holds ``probs[N, K, C]`` (each expert's distribution over
+the choice letters), ``answer[N]``, ``subject[N]``, ``qid[N]``, ``n_tokens[N, K]`` (prompt length in
+each expert's tokens) and ``experts[K]``. Work is checkpointed every few questions into a
+``<name>.partial/`` folder, so an interrupted run resumes where it stopped; the final file is
+written atomically and the partial folder removed only then.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import artifacts
+from .data import DEFAULT_TEMPLATE, Question, format_prompt
+from .errors import InputError
+
+
+@dataclass
+class Scores:
+    probs: np.ndarray
+    answer: np.ndarray
+    subject: np.ndarray
+    qid: np.ndarray
+    n_tokens: np.ndarray
+    experts: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.probs.shape[0]
+
+    def accuracy(self) -> np.ndarray:
+        """Accuracy of each expert (argmax letter), shape (K,)."""
+        return (self.probs.argmax(-1) == self.answer[:, None]).mean(0)
+
+    def subset(self, rows) -> "Scores":
+        rows = np.asarray(rows)
+        return Scores(self.probs[rows], self.answer[rows], self.subject[rows], self.qid[rows],
+                      self.n_tokens[rows], self.experts)
+
+    def save(self, path) -> Path:
+        validate(self, path)
+        return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.subject,
+                                   qid=self.qid, n_tokens=self.n_tokens, experts=self.experts)
+
+    @classmethod
+    def load(cls, path) -> "Scores":
+        data = artifacts.read_npz(path)
+        missing = [k for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts") if k not in data]
+        if missing:
+            raise InputError(f"scores file lacks {missing}", path=path)
+        scores = cls(**{k: data[k] for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts")})
+        validate(scores, path)
+        return scores
+
+
+def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
+    """Check shapes and that every probs[n, k, :] is a probability distribution."""
+    if s.probs.ndim != 3:
+        raise InputError(f"probs must be (N, K, C), got shape {s.probs.shape}", path=path, param="probs")
+    n, k, c = s.probs.shape
+    for name, arr, shape in (("answer", s.answer, (n,)), ("subject", s.subject, (n,)), ("qid", s.qid, (n,)),
+                             ("n_tokens", s.n_tokens, (n, k)), ("experts", s.experts, (k,))):
+        if arr.shape != shape:
+            raise InputError(f"{name} has shape {arr.shape}, expected {shape} to match probs {s.probs.shape}",
+                             path=path, param=name)
+    bad = ~np.isfinite(s.probs)
+    if bad.any():
+        i = np.argwhere(bad)[0]
+        raise InputError(f"probs[{i[0]}, {i[1]}] is not finite", path=path, param="probs")
+    if (s.probs < 0).any():
+        i = np.argwhere(s.probs < 0)[0]
+        raise InputError(f"probs[{i[0]}, {i[1]}] has a negative entry", path=path, param="probs")
+    sums = s.probs.sum(-1)
+    off = np.abs(sums - 1) > atol
+    if off.any():
+        i = np.argwhere(off)[0]
+        raise InputError(f"probs[{i[0]}, {i[1]}] sums to {sums[i[0], i[1]]:.6f}, not 1", path=path, param="probs")
+    if ((s.answer < 0) | (s.answer >= c)).any():
+        raise InputError(f"answer has values outside 0..{c - 1}", path=path, param="answer")
+
+
+def score_questions(questions: Sequence[Question], experts, out_path, *, template: str = DEFAULT_TEMPLATE,
+                    chunk: int = 32, progress: bool = True) -> Scores:
+    """Score every question with every expert; resumable, written atomically to ``out_path``."""
+    out_path = Path(out_path)
+    if not questions:
+        raise InputError("no questions to score", param="questions")
+    n_choices = {len(q.choices) for q in questions}
+    if len(n_choices) != 1:
+        raise InputError(f"questions have different numbers of choices {sorted(n_choices)}", param="questions")
+    c = n_choices.pop()
+    prompts = [format_prompt(q, template) for q in questions]
+    labels = [e.label for e in experts]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"expert names must be unique, got {labels}", param="experts")
+    n, k = len(questions), len(experts)
+    partial = out_path.with_name(out_path.name + ".partial")
+    key = artifacts.digest({"qid": [q.source for q in questions], "prompts": prompts, "experts": labels})
+    manifest = partial / "manifest.json"
+    if partial.exists() and (not manifest.exists() or artifacts.read_json(manifest).get("key") != key):
+        shutil.rmtree(partial)
+    artifacts.write_json(manifest, {"key": key, "experts": labels, "n": n})
+
+    probs = np.zeros((n, k, c), dtype=np.float32)
+    n_tokens = np.zeros((n, k), dtype=np.int32)
+    done = np.zeros(k, dtype=np.int64)
+    for j, label in enumerate(labels):
+        part = partial / f"expert{j}.npz"
+        if part.exists():
+            d = artifacts.read_npz(part)
+            m = len(d["probs"])
+            probs[:m, j], n_tokens[:m, j], done[j] = d["probs"], d["n_tokens"], m
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n * k, initial=int(done.sum()), desc=f"scoring {out_path.name}", unit="q")
+    for j, expert in enumerate(experts):
+        if done[j] >= n:
+            continue
+        try:
+            for start in range(int(done[j]), n, chunk):
+                stop = min(n, start + chunk)
+                batch = prompts[start:stop]
+                probs[start:stop, j] = expert.choice_probs(batch, c)
+                n_tokens[start:stop, j] = [expert.count_tokens(p) for p in batch]
+                artifacts.write_npz(partial / f"expert{j}.npz", probs=probs[:stop, j], n_tokens=n_tokens[:stop, j])
+                if bar is not None:
+                    bar.update(stop - start)
+        finally:
+            expert.close()
+    if bar is not None:
+        bar.close()
+    scores = Scores(probs=probs, answer=np.array([q.answer for q in questions], dtype=np.int64),
+                    subject=np.array([q.subject for q in questions]), qid=np.array([q.source for q in questions]),
+                    n_tokens=n_tokens, experts=np.array(labels))
+    scores.save(out_path)
+    shutil.rmtree(partial, ignore_errors=True)
+    return scores
+
+
+def subject_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-subject accuracy of each expert: (subjects[S], accuracy[K, S], questions per subject[S])."""
+    subjects, inverse, counts = np.unique(scores.subject, return_inverse=True, return_counts=True)
+    correct = (scores.probs.argmax(-1) == scores.answer[:, None]).astype(np.float64)
+    sums = np.zeros((len(subjects), correct.shape[1]))
+    np.add.at(sums, inverse, correct)
+    return subjects, (sums / counts[:, None]).T, counts
+
+
+def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
+    """How often each expert picks each letter (K, C), beside how often each letter is correct (C,)."""
+    c = scores.probs.shape[-1]
+    picks = scores.probs.argmax(-1)
+    chosen = np.stack([(picks == i).mean(0) for i in range(c)], axis=-1)
+    gold = np.bincount(scores.answer, minlength=c) / scores.n
+    return chosen, gold

@@ -1,0 +1,76 @@
+"""Both expert backends on the packaged models, on real MMLU prompts.
+
+Stated tolerance (same GGUF weights; llama.cpp multiplies 4-bit weights with 8-bit-quantised
+activations, transformers with the dequantised fp32 weights): over the answer letters,
+max |Δp| <= 0.1, mean |Δp| <= 0.02, and the same argmax on at least 95% of prompts.
+"""
+
+import numpy as np
+import pytest
+
+from moe2lib import data, experts
+from moe2lib.errors import InputError
+
+MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
+
+
+@pytest.fixture(scope="module")
+def sample():
+    questions = data.load_mmlu("test")
+    return [questions[i] for i in data.stratified_sample(questions, 57, seed=1)]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def pair(request):
+    ll = experts.make_expert(request.param, backend="llama_cpp", n_threads=2)
+    hf = experts.make_expert(request.param, backend="transformers", n_threads=2)
+    yield ll, hf
+    ll.close()
+    hf.close()
+
+
+def test_backends_tokenise_alike(pair, sample):
+    ll, hf = pair
+    for q in sample[:10]:
+        prompt = data.format_prompt(q)
+        assert ll.encode(prompt) == hf.encode(prompt)
+
+
+def test_backends_agree_within_tolerance(pair, sample):
+    ll, hf = pair
+    prompts = [data.format_prompt(q) for q in sample]
+    a, b = ll.choice_probs(prompts), hf.choice_probs(prompts)
+    for p in (a, b):
+        assert p.shape == (len(prompts), 4)
+        np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+        assert (p >= 0).all()
+    diff = np.abs(a - b)
+    assert diff.max() <= 0.1 and diff.mean() <= 0.02, (diff.max(), diff.mean())
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
+
+
+def test_gemma_prepends_bos_and_smollm2_does_not(sample):
+    prompt = data.format_prompt(sample[0])
+    gemma = experts.make_expert("gemma3-270m")
+    smol = experts.make_expert("smollm2-135m-instruct")
+    assert gemma.encode(prompt)[0] == 2 and gemma.encode(prompt)[1] != 2
+    assert smol.encode(prompt)[0] != 0 and len(smol.encode(prompt)) > 20
+    gemma.close()
+    smol.close()
+
+
+def test_results_do_not_depend_on_what_came_before(sample):
+    e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
+    prompts = [data.format_prompt(q) for q in sample[:4]]
+    forward = e.letter_logits(prompts)
+    backward = e.letter_logits(prompts[::-1])[::-1]
+    np.testing.assert_allclose(forward, backward, atol=1e-4)
+    e.close()
+
+
+def test_unknown_backend_and_missing_adapter():
+    with pytest.raises(InputError, match="backend"):
+        experts.make_expert("gemma3-270m", backend="vllm-in-process")
+    e = experts.make_expert("smollm2-135m-instruct", adapter="/nonexistent/lora.gguf")
+    with pytest.raises(InputError, match="lora.gguf"):
+        e.letter_logits(["x"])

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moe2lib import artifacts, pipeline
+from moe2lib.errors import InputError
+
+
+def _cfg(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_profiles_load_and_match_their_notebooks():
+    for profile in pipeline.PROFILES:
+        cfg, path = pipeline.load_config(profile)
+        for stage in pipeline.STAGES.values():
+            params = pipeline.stage_params(cfg, path, stage, profile, pipeline.out_root(profile))
+            assert params["profile"] == profile and params["seed"] == cfg["seed"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seed: 0\nsede: 1\n", r"p\.yaml, parameter 'sede': unknown key"),
+    ("seed: zero\n", r"p\.yaml, parameter 'seed': seed has the wrong type str"),
+    ("seed: 0\nbase_models:\n  n_question: 3\n", r"parameter 'base_models.n_question'.*has no parameter"),
+    ("seed: 0\nbase_models:\n  n_questions: many\n", r"parameter 'base_models.n_questions': expected int, got str"),
+    ("seed: 0\nbase_models: [1\n", r"p\.yaml:\d+: invalid YAML"),
+])
+def test_bad_profiles_name_file_and_key(tmp_path, text, message):
+    path = _cfg(tmp_path, text)
+    with pytest.raises(InputError, match=message):
+        cfg, _ = pipeline.load_config(str(path))
+        for stage in pipeline.STAGES.values():
+            pipeline.stage_params(cfg, path, stage, "p", tmp_path)
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "moe2lib", "--help"], capture_output=True, text=True, check=True)
+    for command in ("reproduce", "stages", "models", "data", "score"):
+        assert command in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "moe2lib", "reproduce", "--profile", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "smoke" in bad.stderr
+
+
+def test_smoke_pipeline_runs_then_skips(tmp_path):
+    logs = []
+    outcome = pipeline.reproduce("smoke", out=tmp_path, log=logs.append)
+    assert set(outcome.values()) == {"ran"}
+    meta = artifacts.read_meta(tmp_path / "artifacts" / "base_models")
+    assert meta["pipeline"]["profile"] == "smoke" and meta["params"]["n_questions"] == 24
+    assert meta["git_commit"] is None or len(meta["git_commit"]) >= 40
+    metrics = json.loads((tmp_path / "artifacts" / "base_models" / "metrics.json").read_text())
+    assert metrics["n_questions"] == 24 and set(metrics["accuracy"]) == {"smollm2-135m-instruct", "gemma3-270m"}
+    for fig in ("base_models_subject_accuracy.png", "base_models_letter_bias.png"):
+        assert (tmp_path / "figures" / fig).stat().st_size > 10_000
+    again = pipeline.reproduce("smoke", out=tmp_path, log=logs.append)
+    assert set(again.values()) == {"skipped"}
