@@ -55,10 +55,8 @@ def main(argv=None):
         hf_rate = n_tok / hf_s
         print(f"{name:24s} {'transformers fp32':22s} {n_tok:7d} {hf_s:8.1f} {hf_rate:7.0f} {1:6.2f} "
               f"{(hf_p.argmax(1) == answers).mean():6.3f}")
-        bos = experts.gguf_add_bos(models.locate(name))
         for fmt in args.formats.split(","):
-            path = name if fmt == "native" else str(models.requantized(name, fmt))
-            ll = experts.LlamaCppExpert(path, n_threads=args.threads, add_bos=bos)
+            ll = experts.LlamaCppExpert(name, n_threads=args.threads, weights=fmt)
             ll_s, ll_p = timed(ll, prompts)
             ll.close()
             rate = n_tok / ll_s

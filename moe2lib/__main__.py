@@ -57,7 +57,8 @@ def _score(args):
     questions = data.load_mmlu(args.split, args.data_dir)
     if args.n:
         questions = [questions[i] for i in data.stratified_sample(questions, args.n, args.seed)]
-    exps = [experts.make_expert(m, backend=args.backend, n_threads=args.threads) for m in args.models]
+    options = {"weights": args.weights} if args.backend == "llama_cpp" else {}
+    exps = [experts.make_expert(m, backend=args.backend, n_threads=args.threads, **options) for m in args.models]
     scores = scoring.score_questions(questions, exps, args.out)
     for name, acc in zip(scores.experts, scores.accuracy()):
         print(f"{name:30s} accuracy {acc:.3f} on {scores.n} questions")
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--backend", default="llama_cpp", help="llama_cpp or transformers")
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--weights", default="native", help="llama.cpp weights: native (as packaged) or F16, Q8_0, "
+                                                       "Q4_0, F32 (re-encoded once into the cache)")
     c.add_argument("--data-dir")
     c.set_defaults(func=_score)
     return p

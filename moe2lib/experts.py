@@ -123,15 +123,18 @@ def _letter_ids(encode, n_choices: int) -> list[int]:
 class LlamaCppExpert(Expert):
     """llama-cpp-python on a GGUF base model with an optional GGUF LoRA adapter.
 
-    One prompt per ``llama_decode`` call with logits requested at its last token only. (Several
-    prompts as sequences of one unified KV cache measured slower here and moved the logits.)
+    One prompt per ``llama_decode`` call with logits requested at its last token only. ``weights``
+    "native" runs the GGUF as shipped; "F16" (or another ``models.QUANT_TYPES`` entry) runs a copy
+    re-encoded once by llama.cpp: on AVX2 CPUs F16 has a GEMM kernel that Q4_1 lacks and processes
+    prompts about 1.8x faster, with the same values as the dequantised 4-bit weights.
     """
 
     def __init__(self, model: str, adapter: str | None = None, name: str | None = None,
                  n_threads: int | None = None, add_bos: bool | None = None, n_ctx: int = 2048,
-                 verbose: bool = False):
+                 weights: str = "native", verbose: bool = False):
         super().__init__(model, adapter, name, n_threads, add_bos)
         self.n_ctx = n_ctx
+        self.weights = weights
         self.verbose = verbose
         self._llm = None
 
@@ -142,7 +145,8 @@ class LlamaCppExpert(Expert):
             import llama_cpp
         except ImportError:
             raise ResourceUnavailable("llama-cpp-python is not installed; run `bash run.sh setup`") from None
-        path = models.locate(self.model, "llm")
+        path = (models.locate(self.model, "llm") if self.weights == "native"
+                else models.requantized(self.model, self.weights))
         if self.adapter is not None and not Path(self.adapter).is_file():
             raise InputError("LoRA adapter file not found", path=self.adapter)
         threads = self.n_threads or os.cpu_count()

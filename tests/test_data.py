@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe2lib import data
+from moe2lib.errors import InputError, ResourceUnavailable
+
+
+def test_mmlu_splits_have_their_published_sizes():
+    test = data.load_mmlu("test")
+    assert len(test) == 14042 and len(data.subjects_of(test)) == 57
+    assert len(data.load_mmlu("val")) == 1531
+    assert len(data.load_mmlu("dev")) == 285
+    aux = data.load_mmlu("auxiliary_train")
+    assert {"arc_easy", "obqa"} <= set(data.subjects_of(aux))
+
+
+def test_known_first_question():
+    q = data.load_mmlu("test", subjects=["anatomy"])[0]
+    assert q.question.startswith("A lesion causing compression of the facial nerve at the stylomastoid foramen")
+    assert q.answer == 0 and q.answer_letter == "A" and q.subject == "anatomy"
+    assert q.source == "mmlu/test/anatomy_test.csv:1" and len(q.choices) == 4
+
+
+def test_prompt_is_the_papers_zero_shot_format():
+    q = data.Question("What is 2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics")
+    assert data.format_prompt(q) == (
+        "The following is a multiple choice question about elementary mathematics.\n\n"
+        "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert data.format_prompt(q, "{question} [{subject}]") == "What is 2+2? [elementary mathematics]"
+    with pytest.raises(InputError, match="template"):
+        data.format_prompt(q, "{question} {topic}")
+
+
+def _mmlu_dir(tmp_path, rows: str):
+    folder = tmp_path / "mmlu" / "test"
+    folder.mkdir(parents=True)
+    (folder / "toy_test.csv").write_text(rows)
+    return tmp_path
+
+
+@pytest.mark.parametrize("rows, line, message", [
+    ('q1,a,b,c,d,A\nq2,a,b,c,A\n', 2, "expected 6 columns"),
+    ('q1,a,b,c,d,A\n"multi\nline q",a,b,c,d,B\nq3,a,b,c,d,E\n', 4, "answer must be one of"),
+    ('q1,a,b,c,d,A\n ,a,b,c,d,B\n', 2, "empty question"),
+])
+def test_malformed_rows_name_file_and_line(tmp_path, rows, line, message):
+    root = _mmlu_dir(tmp_path, rows)
+    with pytest.raises(InputError, match=message) as err:
+        data.load_mmlu("test", root)
+    assert f"toy_test.csv:{line}" in str(err.value)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    root = _mmlu_dir(tmp_path, "")
+    with pytest.raises(InputError, match=r"toy_test\.csv: empty file"):
+        data.load_mmlu("test", root)
+
+
+def test_unknown_split_and_subject():
+    with pytest.raises(InputError, match="split"):
+        data.load_mmlu("train")
+    with pytest.raises(InputError, match="astrology"):
+        data.load_mmlu("test", subjects=["astrology"])
+
+
+def test_jsonl_both_spellings_and_errors(tmp_path):
+    good = tmp_path / "arc.jsonl"
+    good.write_text(json.dumps({"query": "Q: sky?", "choices": ["red", "blue"], "gold": 1}) + "\n\n"
+                    + json.dumps({"question": "sea?", "choices": ["w", "x", "y"], "answer": "C"}) + "\n")
+    qs = data.load_jsonl(good)
+    assert [q.answer for q in qs] == [1, 2] and qs[0].subject == "arc" and qs[1].source == "arc.jsonl:3"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "a", "choices": ["x", "y"], "gold": 0}) + "\n{oops\n")
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: invalid JSON"):
+        data.load_jsonl(bad)
+    bad.write_text(json.dumps({"query": "a", "choices": ["x", "y"], "gold": 5}) + "\n")
+    with pytest.raises(InputError, match=r"bad\.jsonl:1: 'gold'"):
+        data.load_jsonl(bad)
+    bad.write_text("\n")
+    with pytest.raises(InputError, match="empty file"):
+        data.load_jsonl(bad)
+
+
+def test_real_jsonl_sets_load():
+    root = data.resolve_data_dir(need="arc")
+    arc = data.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl")
+    assert len(arc) == 2376 and all(len(q.choices) == 4 for q in arc)
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path))
+    with pytest.raises(ResourceUnavailable, match="data.tar"):
+        data.resolve_data_dir()
+    _mmlu_dir(tmp_path, "q,a,b,c,d,A\n")
+    assert data.resolve_data_dir() == tmp_path
+    assert len(data.load_mmlu("test")) == 1
+    with pytest.raises(ResourceUnavailable, match="MOE2_DATA_DIR"):
+        data.resolve_data_dir(tmp_path / "nowhere")
+
+
+def _toy(sizes):
+    return [data.Question(f"q{s}{i}", ("a", "b"), 0, f"s{s}") for s, n in enumerate(sizes) for i in range(n)]
+
+
+def test_stratified_split_keeps_subject_proportions():
+    qs = data.load_mmlu("test")
+    train, test = data.stratified_split(qs, 0.3, seed=0)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(qs)
+    subj = np.array([q.subject for q in qs])
+    for s in data.subjects_of(qs):
+        n = (subj == s).sum()
+        assert abs((subj[test] == s).sum() - 0.3 * n) <= 1
+    again = data.stratified_split(qs, 0.3, seed=0)
+    other = data.stratified_split(qs, 0.3, seed=1)
+    assert np.array_equal(again[1], test) and not np.array_equal(other[1], test)
+    with pytest.raises(InputError, match="test_fraction"):
+        data.stratified_split(qs, 1.0, seed=0)
+
+
+def test_stratified_sample_is_exact_and_proportional():
+    qs = data.load_mmlu("test")
+    idx = data.stratified_sample(qs, 570, seed=0)
+    assert len(idx) == 570 == len(set(idx.tolist()))
+    subj = np.array([q.subject for q in qs])
+    assert len(set(subj[idx])) == 57
+    assert abs((subj[idx] == "professional_law").sum() - 570 * 1534 / 14042) <= 1.5
+    assert np.array_equal(idx, data.stratified_sample(qs, 570, seed=0))
+    with pytest.raises(InputError, match="'n'"):
+        data.stratified_sample(qs, 14043, seed=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16))
+def test_split_is_a_seeded_partition(sizes, fraction, seed):
+    qs = _toy(sizes)
+    train, test = data.stratified_split(qs, fraction, seed)
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(qs)))
+    t2 = data.stratified_split(qs, fraction, seed)
+    assert np.array_equal(train, t2[0]) and np.array_equal(test, t2[1])
+    n = int(np.clip(round(fraction * len(qs)), 1, len(qs)))
+    assert len(data.stratified_sample(qs, n, seed)) == n
