@@ -2,13 +2,15 @@
 
 Every question becomes a :class:`Question`. Bad input (a row with the wrong number of columns, an
 answer outside A–D, an empty question, an empty file, a bad JSON line) raises an
-:class:`~moe2lib.errors.InputError` naming the file and line.
+:class:`~moe2lib.errors.InputError` naming the file and the 1-based line; for a CSV row whose quoted
+fields span several lines, that is the line where the row starts.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import operator
 import os
 import string
 from dataclasses import dataclass
@@ -31,11 +33,13 @@ _REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Question:
+    """One multiple-choice question; ``answer`` indexes ``choices``, ``source`` is ``"<file>:<line>"``."""
+
     question: str
     choices: tuple[str, ...]
     answer: int
     subject: str
-    source: str = ""  # "<file relative to the data dir>:<line>"
+    source: str = ""
 
     @property
     def answer_letter(self) -> str:
@@ -43,10 +47,12 @@ class Question:
 
 
 def resolve_data_dir(data_dir=None, need: str = "mmlu") -> Path:
-    """The data folder: ``data_dir``, else ``$MOE2_DATA_DIR``, else ``./data``, else ``../shared/datasets``.
+    """The folder holding ``need`` (a subpath such as ``mmlu`` or ``mmlu/test``).
 
-    An explicit folder (argument or variable) that lacks ``need`` is an error at once; otherwise the
-    first candidate holding ``need`` wins.
+    Candidates in order: ``data_dir``, ``$MOE2_DATA_DIR``, ``./data``, ``../shared/datasets`` from the
+    working directory, then ``<repo>/../shared/datasets``. An explicit folder (argument or variable)
+    that lacks ``need`` fails at once; otherwise the first candidate holding it wins. Raises
+    ResourceUnavailable, saying how to get MMLU, when none does.
     """
     for explicit, what in ((data_dir, "data_dir"), (os.environ.get("MOE2_DATA_DIR"), "MOE2_DATA_DIR")):
         if explicit:
@@ -68,33 +74,49 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _mmlu_rows(path: Path):
+    """(start line, row) for each CSV row; csv and decoding errors become InputError."""
+    line = 1
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                start, line = line, reader.line_num + 1
+                yield start, row
+    except csv.Error as exc:
+        raise InputError(f"malformed CSV ({exc})", path=path, line=line) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path) from None
+
+
 def _read_mmlu_csv(path: Path, subject: str, root: Path) -> list[Question]:
+    """Questions of one headerless ``question,A,B,C,D,answer`` file; errors name the row's first line."""
     out = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        line = 1
-        for row in reader:
-            start, line = line, reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != 6:
-                raise InputError(f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}",
-                                 path=path, line=start)
-            question, *choices, answer = row
-            if not question.strip():
-                raise InputError("empty question", path=path, line=start)
-            answer = answer.strip()
-            if answer not in ("A", "B", "C", "D"):
-                raise InputError(f"answer must be one of A, B, C, D, got {answer!r}", path=path, line=start)
-            out.append(Question(question, tuple(choices), "ABCD".index(answer), subject,
-                                f"{_rel(path, root)}:{start}"))
+    for start, row in _mmlu_rows(path):
+        if not row:
+            continue
+        if len(row) != 6:
+            raise InputError(f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}",
+                             path=path, line=start)
+        question, *choices, answer = row
+        if not question.strip():
+            raise InputError("empty question", path=path, line=start)
+        answer = answer.strip()
+        if answer not in ("A", "B", "C", "D"):
+            raise InputError(f"answer must be one of A, B, C, D, got {answer!r}", path=path, line=start)
+        out.append(Question(question, tuple(choices), "ABCD".index(answer), subject,
+                            f"{_rel(path, root)}:{start}"))
     if not out:
         raise InputError("empty file: no questions", path=path)
     return out
 
 
 def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) -> list[Question]:
-    """MMLU questions of a split (test, val, dev, auxiliary_train), files in sorted order, rows in file order."""
+    """MMLU questions of a split (test, val, dev, auxiliary_train), files in sorted order, rows in file order.
+
+    Reads ``<data dir>/mmlu/<split>/<subject>_<split>.csv`` (``auxiliary_train``: any ``*.csv``, subject
+    = file stem); ``subjects`` keeps only those subjects.
+    """
     if split not in MMLU_SPLITS:
         raise InputError(f"unknown MMLU split {split!r}; known: {', '.join(MMLU_SPLITS)}", param="split")
     root = resolve_data_dir(data_dir, f"mmlu/{split}")
@@ -105,10 +127,11 @@ def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) 
     suffix = "" if split == "auxiliary_train" else f"_{split}"
     by_subject = {(f.stem[: -len(suffix)] if suffix and f.stem.endswith(suffix) else f.stem): f for f in files}
     if subjects is not None:
-        unknown = sorted(set(subjects) - set(by_subject))
+        wanted = {subjects} if isinstance(subjects, str) else set(subjects)
+        unknown = sorted(wanted - set(by_subject))
         if unknown:
             raise InputError(f"unknown subjects {unknown}; known: {', '.join(sorted(by_subject))}", param="subjects")
-        by_subject = {s: f for s, f in by_subject.items() if s in set(subjects)}
+        by_subject = {s: f for s, f in by_subject.items() if s in wanted}
     out = []
     for subject, path in by_subject.items():
         out.extend(_read_mmlu_csv(path, subject, root))
@@ -118,34 +141,38 @@ def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) 
 def load_jsonl(path, subject: str | None = None) -> list[Question]:
     """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
 
-    The question text is kept as written (e.g. ARC's "Question: " prefix stays).
+    Blank lines are skipped; the subject defaults to the file stem. The question text is kept as
+    written (e.g. ARC's "Question: " prefix stays), so prompts match the source data.
     """
     path = Path(path)
     subject = subject or path.stem
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path) from None
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"invalid JSON ({exc.msg})", path=path, line=n) from None
-            if not isinstance(obj, dict):
-                raise InputError("each line must be a JSON object", path=path, line=n)
-            question = obj.get("query", obj.get("question"))
-            if not isinstance(question, str) or not question.strip():
-                raise InputError("missing or empty 'query'/'question'", path=path, line=n)
-            choices = obj.get("choices")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
-            gold = obj.get("gold", obj.get("answer"))
-            if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
-                gold = LETTERS.index(gold.strip().upper())
-            if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-                raise InputError(f"'gold'/'answer' must index one of the {len(choices)} choices, got {gold!r}",
-                                 path=path, line=n)
-            out.append(Question(question, tuple(choices), gold, subject, f"{path.name}:{n}"))
+    for n, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON ({exc.msg})", path=path, line=n) from None
+        if not isinstance(obj, dict):
+            raise InputError("each line must be a JSON object", path=path, line=n)
+        question = obj.get("query", obj.get("question"))
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("missing or empty 'query'/'question'", path=path, line=n)
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
+        given = gold = obj.get("gold", obj.get("answer"))
+        if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
+            gold = LETTERS.index(gold.strip().upper())
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
+                             f"got {given!r}", path=path, line=n)
+        out.append(Question(question, tuple(choices), gold, subject, f"{path.name}:{n}"))
     if not out:
         raise InputError("empty file: no questions", path=path)
     return out
@@ -156,12 +183,15 @@ def format_prompt(q: Question, template: str = DEFAULT_TEMPLATE) -> str:
     choices = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices))
     try:
         return template.format(subject=q.subject.replace("_", " "), question=q.question, choices=choices)
-    except (KeyError, IndexError) as exc:
+    except (KeyError, IndexError, AttributeError) as exc:
         raise InputError(f"template uses an unknown field {exc}; fields: subject, question, choices",
                          param="template") from None
+    except ValueError as exc:
+        raise InputError(f"malformed template ({exc})", param="template") from None
 
 
 def subjects_of(questions: Sequence[Question]) -> list[str]:
+    """The sorted distinct subjects."""
     return sorted({q.subject for q in questions})
 
 
@@ -192,29 +222,28 @@ def stratified_split(questions: Sequence[Question], test_fraction: float, seed: 
 
 
 def stratified_sample(questions: Sequence[Question], n: int, seed: int) -> np.ndarray:
-    """Seeded sample of exactly ``n`` indices, allotted to subjects by largest remainder (sorted)."""
+    """Seeded sample of exactly ``n`` sorted indices, allotted to subjects by largest remainder.
+
+    Each subject's quota is ``n * size / total``; it gets the floor, at least 1 when ``n`` is at least the
+    number of subjects, and the leftover goes one at a time to the largest shortfall (or is taken back
+    from the largest excess), ties to the first subject in sorted order.
+    """
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise InputError(f"must be an integer, got {n!r}", param="n") from None
     if not 0 < n <= len(questions):
         raise InputError(f"must be in 1..{len(questions)}, got {n}", param="n")
     groups = _by_subject(questions)
-    sizes = np.array([len(v) for v in groups.values()], dtype=np.float64)
+    sizes = np.array([len(v) for v in groups.values()], dtype=np.int64)
     quota = sizes * n / sizes.sum()
-    take = np.floor(quota).astype(int)
+    take = np.floor(quota).astype(np.int64)
     if n >= len(groups):
         take = np.maximum(take, 1)
-    rest = n - take.sum()
-    order = np.argsort(-(quota - np.floor(quota)), kind="stable")
-    if rest > 0:
-        for j in order:
-            if rest == 0:
-                break
-            if take[j] < sizes[j]:
-                take[j] += 1
-                rest -= 1
-    elif rest < 0:
-        for j in np.argsort(-take, kind="stable"):
-            while rest < 0 and take[j] > 1:
-                take[j] -= 1
-                rest += 1
+    while take.sum() < n:
+        take[np.argmax(np.where(take < sizes, quota - take, -np.inf))] += 1
+    while take.sum() > n:
+        take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
     rng = np.random.default_rng(seed)
     picked = [rng.choice(idx, size=t, replace=False) for idx, t in zip(groups.values(), take)]
     return np.sort(np.concatenate(picked).astype(np.int64))

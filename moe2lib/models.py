@@ -295,3 +295,11 @@ def requantized(name: str, qtype: str) -> Path:
         if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
             raise ResourceUnavailable(f"llama.cpp could not re-encode {src} as {qtype}")
     return target
+
+
+def sentence_transformer(name: str = "all-minilm-l6-v2", device: str = "cpu"):
+    """A sentence-transformers model from the registry (local files only, no remote code)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(locate(name, "embedding")), device=device, trust_remote_code=False,
+                               local_files_only=True)

@@ -7,6 +7,7 @@ the stages it reads. A stage whose key is unchanged is skipped; ``force`` reruns
 
 from __future__ import annotations
 
+import ast
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,10 @@ def notebook_parameters(stage: Stage) -> dict[str, Any]:
     out = {}
     for name, info in found.items():
         try:
-            out[name] = eval(info["default"], {})  # literals of our own notebooks
-        except Exception:
-            out[name] = info["default"]
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            raise InputError(f"parameter {name!r} must default to a literal, not {info['default']!r}",
+                             path=NOTEBOOKS / stage.notebook, param=name) from None
     return out
 
 

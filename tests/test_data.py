@@ -33,6 +33,8 @@ def test_prompt_is_the_papers_zero_shot_format():
     assert data.format_prompt(q, "{question} [{subject}]") == "What is 2+2? [elementary mathematics]"
     with pytest.raises(InputError, match="template"):
         data.format_prompt(q, "{question} {topic}")
+    with pytest.raises(InputError, match="template"):
+        data.format_prompt(q, "{question")
 
 
 def _mmlu_dir(tmp_path, rows: str):
@@ -46,6 +48,7 @@ def _mmlu_dir(tmp_path, rows: str):
     ('q1,a,b,c,d,A\nq2,a,b,c,A\n', 2, "expected 6 columns"),
     ('q1,a,b,c,d,A\n"multi\nline q",a,b,c,d,B\nq3,a,b,c,d,E\n', 4, "answer must be one of"),
     ('q1,a,b,c,d,A\n ,a,b,c,d,B\n', 2, "empty question"),
+    ('q1,a,b,c,d,A\n"spans\ntwo lines",a,b,c,d,E\n', 2, "got 'E'"),
 ])
 def test_malformed_rows_name_file_and_line(tmp_path, rows, line, message):
     root = _mmlu_dir(tmp_path, rows)
@@ -60,11 +63,23 @@ def test_empty_file_is_an_error(tmp_path):
         data.load_mmlu("test", root)
 
 
+def test_empty_split_folder_is_an_error(tmp_path):
+    (tmp_path / "mmlu" / "val").mkdir(parents=True)
+    with pytest.raises(InputError, match="no CSV files"):
+        data.load_mmlu("val", tmp_path)
+
+
 def test_unknown_split_and_subject():
-    with pytest.raises(InputError, match="split"):
+    with pytest.raises(InputError, match="'split'"):
         data.load_mmlu("train")
-    with pytest.raises(InputError, match="astrology"):
+    with pytest.raises(InputError, match="astrology.*known: abstract_algebra, anatomy"):
         data.load_mmlu("test", subjects=["astrology"])
+
+
+def test_subject_filter():
+    qs = data.load_mmlu("dev", subjects=["anatomy", "virology"])
+    assert data.subjects_of(qs) == ["anatomy", "virology"] and len(qs) == 10
+    assert [q.subject for q in data.load_mmlu("dev", subjects="anatomy")] == ["anatomy"] * 5
 
 
 def test_jsonl_both_spellings_and_errors(tmp_path):
@@ -81,8 +96,25 @@ def test_jsonl_both_spellings_and_errors(tmp_path):
     with pytest.raises(InputError, match=r"bad\.jsonl:1: 'gold'"):
         data.load_jsonl(bad)
     bad.write_text("\n")
-    with pytest.raises(InputError, match="empty file"):
+    with pytest.raises(InputError, match=r"bad\.jsonl: empty file"):
         data.load_jsonl(bad)
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"query": " ", "choices": ["x", "y"], "gold": 0}, "empty 'query'"),
+    ({"choices": ["x", "y"], "gold": 0}, "'query'/'question'"),
+    ({"query": "a", "choices": ["x"], "gold": 0}, "'choices'"),
+    ({"query": "a", "choices": ["x", 2], "gold": 0}, "'choices'"),
+    ({"query": "a", "choices": ["x", "y"], "answer": "C"}, "got 'C'"),
+    ({"query": "a", "choices": ["x", "y"]}, "'gold'"),
+    ([1, 2], "JSON object"),
+])
+def test_jsonl_invalid_fields(tmp_path, obj, message):
+    bad = tmp_path / "set.jsonl"
+    bad.write_text(json.dumps({"query": "ok", "choices": ["x", "y"], "gold": 1}) + "\n\n" + json.dumps(obj) + "\n")
+    with pytest.raises(InputError, match=message) as err:
+        data.load_jsonl(bad)
+    assert "set.jsonl:3" in str(err.value)
 
 
 def test_real_jsonl_sets_load():
@@ -98,8 +130,21 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
     _mmlu_dir(tmp_path, "q,a,b,c,d,A\n")
     assert data.resolve_data_dir() == tmp_path
     assert len(data.load_mmlu("test")) == 1
-    with pytest.raises(ResourceUnavailable, match="MOE2_DATA_DIR"):
+    with pytest.raises(ResourceUnavailable, match="data_dir"):
         data.resolve_data_dir(tmp_path / "nowhere")
+
+
+def test_data_dir_fallbacks(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOE2_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert (data.resolve_data_dir() / "mmlu" / "test" / "anatomy_test.csv").is_file()
+    _mmlu_dir(tmp_path / "data", "q,a,b,c,d,A\n")
+    assert data.resolve_data_dir() == (tmp_path / "data").resolve()
+    monkeypatch.setattr(data, "_REPO", tmp_path / "repo")
+    with pytest.raises(ResourceUnavailable) as err:
+        data.resolve_data_dir(need="mmlu/val")
+    message = str(err.value)
+    assert str(tmp_path / "data") in message and "hendrycks/data.tar" in message and "MOE2_DATA_DIR" in message
 
 
 def _toy(sizes):
@@ -133,6 +178,25 @@ def test_stratified_sample_is_exact_and_proportional():
         data.stratified_sample(qs, 14043, seed=0)
 
 
+def test_stratified_sample_allocation_on_toy_subjects():
+    subj = np.array([q.subject for q in _toy([50, 30, 20])])
+    idx = data.stratified_sample(_toy([50, 30, 20]), 10, seed=3)
+    assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [5, 3, 2]
+    qs = _toy([97, 2, 1])
+    subj = np.array([q.subject for q in qs])
+    idx = data.stratified_sample(qs, 10, seed=3)
+    assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [8, 1, 1]
+    qs = _toy([7, 5, 1])
+    subj = np.array([q.subject for q in qs])
+    idx = data.stratified_sample(qs, 2, seed=3)
+    assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [1, 1, 0]
+    even = _toy([40, 40])
+    assert not np.array_equal(data.stratified_sample(even, 10, 0), data.stratified_sample(even, 10, 1))
+    for bad in (0, 2.5):
+        with pytest.raises(InputError, match="'n'"):
+            data.stratified_sample(qs, bad, seed=0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16))
 def test_split_is_a_seeded_partition(sizes, fraction, seed):
@@ -141,5 +205,10 @@ def test_split_is_a_seeded_partition(sizes, fraction, seed):
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(qs)))
     t2 = data.stratified_split(qs, fraction, seed)
     assert np.array_equal(train, t2[0]) and np.array_equal(test, t2[1])
+    subj = np.array([q.subject for q in qs])
+    for s, size in enumerate(sizes):
+        k = (subj[test] == f"s{s}").sum()
+        assert abs(k - fraction * size) <= 1 and (size < 2 or 0 < k < size)
     n = int(np.clip(round(fraction * len(qs)), 1, len(qs)))
-    assert len(data.stratified_sample(qs, n, seed)) == n
+    sample = data.stratified_sample(qs, n, seed)
+    assert len(sample) == len(set(sample.tolist())) == n

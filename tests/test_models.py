@@ -60,3 +60,13 @@ def test_unknown_model_lists_known_ones():
         models.get("no-such-model")
     with pytest.raises(InputError, match="embedding model, not llm"):
         models.get("all-minilm-l6-v2", "llm")
+
+
+def test_packaged_embedding_model_embeds():
+    import numpy as np
+
+    st = models.sentence_transformer()
+    emb = st.encode(["The mitochondria is the powerhouse of the cell.", "Cells get energy from mitochondria.",
+                     "The court ruled the contract void."], normalize_embeddings=True)
+    assert emb.shape == (3, 384)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
