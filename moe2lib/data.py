@@ -247,3 +247,15 @@ def stratified_sample(questions: Sequence[Question], n: int, seed: int) -> np.nd
     rng = np.random.default_rng(seed)
     picked = [rng.choice(idx, size=t, replace=False) for idx, t in zip(groups.values(), take)]
     return np.sort(np.concatenate(picked).astype(np.int64))
+
+
+def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None) -> list[Question]:
+    """The profile's MMLU questions: a seeded sample stratified by subject (``n_questions=0``: all of them).
+
+    Every stage that reads MMLU calls this with the profile's ``n_questions`` and ``seed``, so their
+    question lists (and ``qid``s) agree.
+    """
+    questions = load_mmlu(split, data_dir)
+    if not n_questions:
+        return questions
+    return [questions[i] for i in stratified_sample(questions, n_questions, seed)]

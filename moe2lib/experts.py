@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import models
+from . import artifacts, models
 from .data import LETTERS
 from .errors import InputError, ResourceUnavailable
 
@@ -262,15 +262,74 @@ class TransformersExpert(Expert):
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """Where an expert comes from: a registered or local model, optional adapter, backend."""
+    """Where an expert comes from: a registered or local model, optional adapter, backend.
+
+    ``cluster`` and ``device`` place it in the paper's layout (Table I): the prompt cluster its adapter
+    was tuned on (None for a base model) and the edge server it is assigned to.
+    """
 
     name: str
     model: str
     adapter: str | None = None
     backend: str = "llama_cpp"
+    cluster: int | None = None
+    device: str | None = None
 
     def build(self, **options) -> Expert:
         return make_expert(self.model, adapter=self.adapter, backend=self.backend, name=self.name, **options)
+
+
+REGISTRY_FIELDS = {"name": str, "base_model": str, "cluster": (int, type(None)), "device": (str, type(None)),
+                   "adapter": (str, type(None))}
+
+
+def write_registry(path, specs: Sequence[ExpertSpec], **extra_fields) -> Path:
+    """Write ``experts.json``: a list of ``{name, base_model, cluster, device, adapter}`` (DESIGN.md §5).
+
+    Adapter paths are stored relative to the file's folder so the registry moves with its artifacts;
+    ``extra_fields`` maps an expert name to more keys for its entry.
+    """
+    root = Path(path).resolve().parent
+    entries = []
+    for s in specs:
+        adapter = None
+        if s.adapter is not None:
+            a = Path(s.adapter).resolve()
+            adapter = str(a.relative_to(root)) if a.is_relative_to(root) else str(a)
+        entries.append({"name": s.name, "base_model": s.model, "cluster": s.cluster, "device": s.device,
+                        "adapter": adapter, "backend": s.backend, **extra_fields.get(s.name, {})})
+    return artifacts.write_json(path, entries)
+
+
+def read_registry(path) -> list[ExpertSpec]:
+    """Read ``experts.json``; a missing field, wrong type, duplicate name or missing adapter names the entry."""
+    path = Path(path)
+    entries = artifacts.read_json(path)
+    if not isinstance(entries, list) or not entries:
+        raise InputError("an experts registry is a non-empty JSON list of expert entries", path=path)
+    specs, seen = [], set()
+    for i, e in enumerate(entries):
+        where = f"[{i}]"
+        if not isinstance(e, dict):
+            raise InputError("each entry is an object", path=path, param=where)
+        for key, kind in REGISTRY_FIELDS.items():
+            if key not in e:
+                raise InputError(f"missing field {key!r}", path=path, param=where)
+            if not isinstance(e[key], kind) or isinstance(e[key], bool):
+                raise InputError(f"{key} has the wrong type {type(e[key]).__name__}", path=path,
+                                 param=f"{where}.{key}")
+        if e["name"] in seen:
+            raise InputError(f"duplicate expert name {e['name']!r}", path=path, param=f"{where}.name")
+        seen.add(e["name"])
+        adapter = e["adapter"]
+        if adapter is not None:
+            adapter = Path(adapter) if Path(adapter).is_absolute() else path.resolve().parent / adapter
+            if not adapter.exists():
+                raise InputError(f"adapter file {adapter} does not exist", path=path, param=f"{where}.adapter")
+            adapter = str(adapter)
+        specs.append(ExpertSpec(e["name"], e["base_model"], adapter, e.get("backend", "llama_cpp"),
+                                e["cluster"], e["device"]))
+    return specs
 
 
 def make_expert(model: str, *, backend: str = "llama_cpp", **options) -> Expert:

@@ -212,3 +212,11 @@ def test_split_is_a_seeded_partition(sizes, fraction, seed):
     n = int(np.clip(round(fraction * len(qs)), 1, len(qs)))
     sample = data.stratified_sample(qs, n, seed)
     assert len(sample) == len(set(sample.tolist())) == n
+
+
+def test_mmlu_sample_is_the_shared_seeded_sample():
+    a = data.mmlu_sample(114, seed=3)
+    assert len(a) == 114 and len(data.subjects_of(a)) == 57
+    assert [q.source for q in a] == [q.source for q in data.mmlu_sample(114, seed=3)]
+    assert [q.source for q in a] != [q.source for q in data.mmlu_sample(114, seed=4)]
+    assert len(data.mmlu_sample(0, seed=0, split="dev")) == 285

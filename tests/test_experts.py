@@ -74,3 +74,26 @@ def test_unknown_backend_and_missing_adapter():
     e = experts.make_expert("smollm2-135m-instruct", adapter="/nonexistent/lora.gguf")
     with pytest.raises(InputError, match="lora.gguf"):
         e.letter_logits(["x"])
+
+
+def test_registry_round_trip_and_errors(tmp_path):
+    import json
+    from moe2lib.experts import ExpertSpec, read_registry, write_registry
+
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "e0.gguf").write_bytes(b"x")
+    specs = [ExpertSpec("e0", "gemma3-270m", str(tmp_path / "adapters" / "e0.gguf"), cluster=0, device="rtx4090"),
+             ExpertSpec("e1", "smollm2-135m-instruct", None, cluster=None, device="jetson-agx-orin-64gb")]
+    path = write_registry(tmp_path / "experts.json", specs, e0={"train_examples": 12})
+    raw = json.loads(path.read_text())
+    assert raw[0]["adapter"] == "adapters/e0.gguf" and raw[0]["train_examples"] == 12
+    assert read_registry(path) == specs
+    raw[1]["cluster"] = "3"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match=r"\[1\]\.cluster"):
+        read_registry(path)
+    raw[1]["cluster"] = 1
+    raw[0]["adapter"] = "adapters/missing.gguf"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="missing.gguf"):
+        read_registry(path)
