@@ -20,7 +20,7 @@ REPO = artifacts.REPO_ROOT
 NOTEBOOKS = REPO / "notebooks"
 CONFIGS = REPO / "configs"
 PROFILES = ("smoke", "default", "paper")
-SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int}
+SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int, "n_questions": int}
 
 
 @dataclass(frozen=True)
