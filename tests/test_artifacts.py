@@ -50,3 +50,13 @@ def test_invalid_json_names_file_and_line(tmp_path):
     bad.write_text('{\n  "a": 1,\n  oops\n}')
     with pytest.raises(InputError, match=r"bad\.json:3"):
         artifacts.read_json(bad)
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = artifacts.write_text(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
