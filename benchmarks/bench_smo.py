@@ -108,6 +108,8 @@ def main(argv=None):
     p.add_argument("--sweep-fracs", default="0.15,0.3,0.5,0.7")
     p.add_argument("--nonmono-ks", default="8,12,16", help="K of the renormalised-loss table")
     p.add_argument("--nonmono-seeds", type=int, default=5)
+    p.add_argument("--dynamic-ks", default="8,16,32",
+                   help="K of the re-selection latency table (budget change, expert failure)")
     p.add_argument("--json", help="also write all rows to this file")
     args = p.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",") if k]
@@ -179,6 +181,35 @@ def main(argv=None):
                       f"{gap / abs(x.loss):7.2%} {r.evaluations:6d} {x.evaluations:6d} "
                       f"{str(np.array_equal(r.mask, x.mask)):>6s}")
 
+    dynamic = []
+    dyn_ks = [int(k) for k in args.dynamic_ks.split(",") if k]
+    if dyn_ks:
+        print("\nre-selection under dynamic conditions: one select_subset call after the energy budget "
+              "drops by 20% or the most energy-hungry member of the current subset goes down "
+              f"(eps=0 for K <= {args.exact_max_k}, else eps={args.eps:g}); median over {args.seeds} instances\n")
+        print(f"{'K':>3s} {'event':>14s} {'median ms':>10s} {'max ms':>8s} {'evals':>7s}")
+        for K in dyn_ks:
+            eps = 0.0 if K <= args.exact_max_k else args.eps
+            times = {"budget -20%": [], "expert down": []}
+            evals = {"budget -20%": [], "expert down": []}
+            for seed in range(args.seeds):
+                loss, delay, energy, D, E = instance(K, seed, args)
+                first = smo.select_subset(loss, delay, energy, D, E, eps=eps, time_limit=args.time_limit)
+                r = smo.select_subset(loss, delay, energy, D, 0.8 * E, eps=eps, time_limit=args.time_limit)
+                times["budget -20%"].append(r.elapsed_s)
+                evals["budget -20%"].append(r.evaluations)
+                available = np.ones(K, dtype=bool)
+                available[np.flatnonzero(first.mask)[np.argmax(energy[first.mask])]] = False
+                r = smo.select_subset(loss, delay, energy, D, E, eps=eps, time_limit=args.time_limit,
+                                      available=available)
+                times["expert down"].append(r.elapsed_s)
+                evals["expert down"].append(r.evaluations)
+            for event in times:
+                t = 1e3 * np.array(times[event])
+                dynamic.append({"K": K, "event": event, "median_ms": float(np.median(t)),
+                                "max_ms": float(t.max()), "evaluations": int(np.median(evals[event]))})
+                print(f"{K:3d} {event:>14s} {np.median(t):10.1f} {t.max():8.1f} {int(np.median(evals[event])):7d}")
+
     print("\ngoals")
     checks = []
     small = [r for r in rows if r["K"] <= 16 and "ex_loss" in r]
@@ -215,7 +246,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows, "full_exhaustive": full_ex, "sweep": sweep,
-                       "nonmonotone": nonmono,
+                       "nonmonotone": nonmono, "dynamic": dynamic,
                        "goals": [{"goal": n, "ok": o, "detail": d} for n, o, d in checks]},
                       fh, indent=1, default=float)
     return 0

@@ -200,6 +200,17 @@ def _validate(delay, energy, delay_budget, energy_budget):
     return d, e, _budget(delay_budget, "delay_budget"), _budget(energy_budget, "energy_budget")
 
 
+def _allowed(d, e, D, E, available) -> np.ndarray:
+    """Experts that fit both budgets on their own and are available (``None``: all are)."""
+    ok = (d <= D) & (e <= E)
+    if available is None:
+        return ok
+    av = np.asarray(available)
+    if av.shape != d.shape or av.dtype != bool:
+        raise InputError(f"must be a bool array of shape {d.shape}, got {av.dtype} {av.shape}", param="available")
+    return ok & av
+
+
 def _positive_int(x, name: str, allow_none: bool = False):
     if x is None and allow_none:
         return None
@@ -458,7 +469,7 @@ def _expand(Z, F, rank, e, A, E, tol):
 def select_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *, eps: float = 0.0,
                   time_limit: float | None = None, batch_size: int = 256,
                   max_evaluations: int | None = None, branch_order: str = "energy",
-                  heuristics: str = "auto", projections: int = 0) -> SubsetResult:
+                  heuristics: str = "auto", projections: int = 0, available=None) -> SubsetResult:
     """Subset Monotonic Optimisation (Alg. 2): ``min L(S)`` under the delay and energy budgets.
 
     Parameters
@@ -483,6 +494,8 @@ def select_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *, e
     projections : per step, how many of the best new infeasible vertices are projected onto the
         feasible set (drop the experts of least leave-one-out value per joule, then fill up) to
         find incumbents early; 0 turns projection off.
+    available : bool (K,) or None; experts that are down (False) are never selected. Re-selection
+        after a budget change or a failure is one more call (the ``dynamic`` benchmark times it).
     """
     t0 = time.perf_counter()
     d, e, D, E = _validate(delay, energy, delay_budget, energy_budget)
@@ -501,7 +514,7 @@ def select_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *, e
     if branch_order not in ("energy", "index"):
         raise InputError("must be 'energy' or 'index'", param="branch_order")
     K = d.size
-    allowed = (d <= D) & (e <= E)
+    allowed = _allowed(d, e, D, E, available)
     if not allowed.any():
         return _infeasible(K, d, e, t0, "smo")
     oracle = _Oracle(loss, K, batch_size)
@@ -613,7 +626,7 @@ def select_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *, e
 # ----------------------------------------------------------------------------- baselines
 
 def exhaustive_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *,
-                      batch_size: int = 4096) -> SubsetResult:
+                      batch_size: int = 4096, available=None) -> SubsetResult:
     """Reference: evaluate every non-empty feasible subset (vectorised, in batches); K <= 24.
 
     Only subsets of the experts that fit the budgets on their own are enumerated (any other subset
@@ -628,7 +641,7 @@ def exhaustive_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, 
                          f"{EXHAUSTIVE_MAX_K})", param="delay")
     if not callable(loss):
         raise InputError("must be callable: bool masks (m, K) -> m losses", param="loss")
-    allowed = np.flatnonzero((d <= D) & (e <= E))
+    allowed = np.flatnonzero(_allowed(d, e, D, E, available))
     n = allowed.size
     if n == 0:
         return _infeasible(K, d, e, t0, "exhaustive")
@@ -653,7 +666,7 @@ def exhaustive_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, 
 
 
 def greedy_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *,
-                  batch_size: int = 256) -> SubsetResult:
+                  batch_size: int = 256, available=None) -> SubsetResult:
     """Baseline: repeatedly add the fitting expert with the largest loss drop per joule.
 
     The first expert is the one with the lowest loss on its own (the empty set's loss is not used);
@@ -663,7 +676,7 @@ def greedy_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *,
     d, e, D, E = _validate(delay, energy, delay_budget, energy_budget)
     batch_size = _positive_int(batch_size, "batch_size")
     K = d.size
-    allowed = (d <= D) & (e <= E)
+    allowed = _allowed(d, e, D, E, available)
     if not allowed.any():
         return _infeasible(K, d, e, t0, "greedy")
     oracle = _Oracle(loss, K, batch_size)

@@ -373,3 +373,21 @@ def test_bad_options():
     with pytest.raises(InputError) as info:
         smo.select_subset(_loss, **GOOD, heuristics="sometimes")
     assert info.value.param == "heuristics"
+
+
+@pytest.mark.parametrize("fn", [smo.select_subset, smo.exhaustive_subset, smo.greedy_subset])
+def test_unavailable_experts_are_never_selected(fn):
+    loss, delay, energy = smo.synthetic_instance(10, 5, n_prompts=40)
+    E = 0.5 * energy.sum()
+    full = smo.exhaustive_subset(loss, delay, energy, math.inf, E)
+    available = np.ones(10, dtype=bool)
+    available[full.mask.nonzero()[0][0]] = False  # the optimum's first member goes down
+    r = fn(loss, delay, energy, math.inf, E, available=available)
+    assert r.feasible and not (r.mask & ~available).any()
+    ref = smo.exhaustive_subset(loss, delay, energy, math.inf, E, available=available)
+    if fn is not smo.greedy_subset:
+        assert r.loss == pytest.approx(ref.loss) and ref.loss >= full.loss
+    none = fn(loss, delay, energy, math.inf, E, available=np.zeros(10, dtype=bool))
+    assert not none.feasible
+    with pytest.raises(InputError, match="available"):
+        fn(loss, delay, energy, math.inf, E, available=[1, 0])
