@@ -1,0 +1,389 @@
+"""Fig. 3 baselines, bootstrap intervals, relative improvements and the checks of Theorems 1 and 2.
+
+Everything works on a test split given as ``probs[N, K, C]`` (the fine-tuned experts' letter
+distributions), ``answer[N]`` and the gating values ``gate[N, K]``. Per-prompt correctness vectors
+(1.0 right, 0.0 wrong; fractional for the average expert) are kept so that every accuracy gets a
+paired, seeded bootstrap interval from the same resampled prompts.
+
+Methods (keys of :data:`METHODS`):
+
+* ``single_agent`` — a base model, un-tuned (the better of the base models on the test split);
+* ``average_expert`` — A.E.A., the mean accuracy of the fine-tuned experts;
+* ``majority_voting`` — M.V.: every expert votes its argmax letter, equal weights; ties go to the
+  letter with the larger summed probability among the voters, then to the earlier letter;
+* ``best_expert`` — the expert with the best accuracy on the *training* split, reported on test;
+* ``router_top1`` — the expert with the largest gating value answers alone;
+* ``moe2`` — eq. (3) over all K experts, fused argmax;
+* ``moe2_topk`` — Alg. 3: the Top-k experts by gating value, renormalised (28), fused (29);
+* ``oracle`` — right whenever some expert is right (an upper bound for any selection of one expert).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import gating
+from .errors import InputError
+
+METHODS = ("single_agent", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
+           "moe2_topk", "oracle")
+LABELS = {"single_agent": "Single Agent", "average_expert": "A.E.A.", "majority_voting": "Majority Voting",
+          "best_expert": "Best expert", "router_top1": "Top-1 router", "moe2": "MoE2", "moe2_topk": "MoE2 Top-k",
+          "oracle": "Oracle"}
+# Fig. 3 of the paper: relative accuracy gain of MoE2 over each baseline, (a - b) / b
+PAPER_IMPROVEMENT = {"single_agent": 0.144, "majority_voting": 0.073, "average_expert": 0.164}
+
+
+# --------------------------------------------------------------------------- baselines
+
+def train_test_split(questions, train_fraction: float, seed: int):
+    """Seeded (train, test) index arrays, stratified by subject (:func:`moe2lib.data.stratified_split`), non-empty."""
+    from .data import stratified_split
+
+    if not 0 < train_fraction < 1:
+        raise InputError(f"must be in (0, 1), got {train_fraction}", param="train_fraction")
+    train, test = stratified_split(questions, 1 - train_fraction, seed)
+    if len(train) < 2 or len(test) < 1:
+        raise InputError(f"{len(questions)} questions split into {len(train)} train / {len(test)} test prompts; "
+                         "use more questions or another train_fraction", param="train_fraction")
+    return train, test
+
+
+def align_rows(qid, other_qid, *, path=None, param: str = "qid") -> np.ndarray:
+    """Row of ``other_qid`` holding each of ``qid`` (a join on qid); InputError naming the first one missing."""
+    index = {q: i for i, q in enumerate(np.asarray(other_qid).astype(str).tolist())}
+    qid = np.asarray(qid).astype(str).tolist()
+    missing = [q for q in qid if q not in index]
+    if missing:
+        raise InputError(f"{len(missing)} prompts are missing (first: {missing[0]!r})", path=path, param=param)
+    return np.array([index[q] for q in qid], dtype=np.int64)
+
+
+def align_scores(qid, scores, *, answer=None, path=None):
+    """``scores`` (a :class:`~moe2lib.scoring.Scores`) reordered to ``qid``; with ``answer``, the answers must agree."""
+    aligned = scores.subset(align_rows(qid, scores.qid, path=path))
+    if answer is not None:
+        bad = np.flatnonzero(aligned.answer != np.asarray(answer))
+        if bad.size:
+            raise InputError(f"{bad.size} answers disagree with the questions (first: {aligned.qid[bad[0]]!r})",
+                             path=path, param="answer")
+    return aligned
+
+
+def correct_matrix(probs, answer) -> np.ndarray:
+    """1.0 where expert k's argmax letter is right → (N, K)."""
+    return (np.asarray(probs).argmax(-1) == np.asarray(answer)[:, None]).astype(np.float64)
+
+
+def majority_vote(probs, mask=None) -> np.ndarray:
+    """Most voted letter among the experts in ``mask`` (default all); ties by summed probability, then letter order."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n, k, c = probs.shape
+    mask = np.ones(k, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if mask.shape != (k,) or not mask.any():
+        raise InputError(f"mask must be a non-empty (K={k},) subset", param="mask")
+    sub = probs[:, mask]
+    votes = np.zeros((n, c))
+    np.add.at(votes, (np.arange(n)[:, None], sub.argmax(-1)), 1.0)
+    # summed probability < number of voters + 1, so it can only break ties between equal vote counts
+    return (votes + sub.sum(1) / (mask.sum() + 1)).argmax(-1)
+
+
+def best_expert(probs, answer) -> int:
+    """Index of the most accurate expert (ties: the lower index); call it on the training split."""
+    return int(np.argmax(correct_matrix(probs, answer).mean(0)))
+
+
+def correctness(probs, answer, gate, *, best: int, top_k: int, base_probs=None,
+                base_names: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-prompt correctness of every method on one split → (methods {key: (N,)}, base models {name: (N,)}).
+
+    ``base_probs`` [N, B, C] are the un-tuned base models on the same prompts, same order (None: no
+    single-agent baseline); ``single_agent`` is the better of them on this split.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    answer = np.asarray(answer)
+    gate = np.asarray(gate, dtype=np.float64)
+    n, k, _ = probs.shape
+    if gate.shape != (n, k) or answer.shape != (n,):
+        raise InputError(f"gate {gate.shape} and answer {answer.shape} must match probs {probs.shape}", param="gate")
+    if not 0 <= best < k:
+        raise InputError(f"must index one of the {k} experts, got {best}", param="best")
+    right = correct_matrix(probs, answer)
+    out = {
+        "average_expert": right.mean(1),
+        "majority_voting": (majority_vote(probs) == answer).astype(float),
+        "best_expert": right[:, best],
+        "router_top1": right[np.arange(n), gate.argmax(1)],
+        "moe2": (gating.fuse(gate, probs).argmax(-1) == answer).astype(float),
+        "moe2_topk": (gating.fuse(gating.subset_weights(gate, gating.topk_mask(gate, np.ones(k, bool), top_k)),
+                                  probs).argmax(-1) == answer).astype(float),
+        "oracle": right.max(1),
+    }
+    singles = {}
+    if base_probs is not None:
+        base_probs = np.asarray(base_probs)
+        if base_probs.ndim != 3 or base_probs.shape[0] != n or base_probs.shape[2] != probs.shape[2]:
+            raise InputError(f"base_probs {base_probs.shape} must be (N={n}, B, C={probs.shape[2]})",
+                             param="base_probs")
+        names = list(base_names) if base_names is not None else [f"base{i}" for i in range(base_probs.shape[1])]
+        base_right = correct_matrix(base_probs, answer)
+        singles = {str(nm): base_right[:, i] for i, nm in enumerate(names)}
+        out["single_agent"] = base_right[:, int(np.argmax(base_right.mean(0)))]
+    return {m: out[m] for m in METHODS if m in out}, singles
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+def bootstrap_means(values, n_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
+    """Means of ``values`` [M, N] over ``n_bootstrap`` resamples of the N prompts (shared by all M rows) → [M, B]."""
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    n = values.shape[1]
+    if n == 0 or n_bootstrap < 1:
+        raise InputError(f"need prompts and n_bootstrap >= 1 (got N={n}, B={n_bootstrap})", param="n_bootstrap")
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64)  # [B, N]
+    return values @ counts.T / n
+
+
+def percentile_interval(samples, level: float = 0.95) -> np.ndarray:
+    """Percentile interval of bootstrap samples [..., B] → [..., 2]."""
+    a = (1 - level) / 2
+    return np.moveaxis(np.quantile(np.asarray(samples), [a, 1 - a], axis=-1), 0, -1)
+
+
+def bootstrap_ci(values, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> np.ndarray:
+    """Seeded percentile bootstrap interval of the mean of each row of ``values`` [M, N] → [M, 2]."""
+    return percentile_interval(bootstrap_means(values, n_bootstrap, seed), level)
+
+
+def relative_improvement(a, b):
+    """The paper's form ``(a - b) / b`` (e.g. +14.4% of MoE2 over Single Agent)."""
+    return (np.asarray(a, dtype=np.float64) - b) / b
+
+
+def fig3_metrics(methods: Mapping[str, np.ndarray], singles: Mapping[str, np.ndarray] | None = None, *,
+                 n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Accuracies, bootstrap intervals and MoE2's relative improvements (paired bootstrap) → a JSON-able dict."""
+    singles = dict(singles or {})
+    keys = list(methods) + [f"base:{k}" for k in singles]
+    values = np.stack([*methods.values(), *singles.values()])
+    boot = bootstrap_means(values, n_bootstrap, seed)
+    ci = percentile_interval(boot, level)
+    acc = values.mean(1)
+    row = {k: i for i, k in enumerate(keys)}
+    improvement = {}
+    for base in ("single_agent", "majority_voting", "average_expert", "best_expert", "router_top1"):
+        if base in row and "moe2" in row and acc[row[base]] > 0:
+            rel = relative_improvement(boot[row["moe2"]], boot[row[base]])
+            improvement[base] = {
+                "relative": float(relative_improvement(acc[row["moe2"]], acc[row[base]])),
+                "ci95": [float(x) for x in percentile_interval(rel[np.isfinite(rel)], level)],
+                "paper": PAPER_IMPROVEMENT.get(base)}
+    return {
+        "accuracy": {k: float(acc[row[k]]) for k in methods},
+        "ci95": {k: [float(x) for x in ci[row[k]]] for k in methods},
+        "single_agents": {k: {"accuracy": float(acc[row[f"base:{k}"]]),
+                              "ci95": [float(x) for x in ci[row[f"base:{k}"]]]} for k in singles},
+        "improvement": improvement,
+    }
+
+
+# --------------------------------------------------------------------------- Theorem 1
+
+def random_subsets(k: int, n: int, seed: int = 0, *, min_size: int = 2) -> np.ndarray:
+    """Up to ``n`` distinct proper subsets of K experts (sizes min_size..K-1; singletons when K=2) → (n, K) bool."""
+    lo = min(min_size, k - 1) if k > 1 else 1
+    pool = [m for size in range(lo, max(k - 1, lo) + 1) for m in itertools.combinations(range(k), size)]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+    out = np.zeros((len(chosen), k), bool)
+    for r, i in enumerate(sorted(chosen)):
+        out[r, list(pool[i])] = True
+    return out
+
+
+def theorem1_check(make_network: Callable[[], "gating.GatingNetwork"], train, test, gate_train, gate_test,
+                   subsets) -> dict:
+    """Theorem 1: retrain the gating on subset S alone vs renormalise the full-set gating (eq. 2).
+
+    ``train``/``test`` are ``(X, probs, answer)``; ``gate_*`` the full-set network's gating values.
+    For each mask S a fresh ``make_network()`` is fitted on ``probs[:, S]``; its fused loss and
+    accuracy are compared with the renormalised full-set gating's on both splits. The theorem predicts
+    ``gap = loss_retrained - loss_renormalised >= 0`` on train (up to the optimiser) and ≈ 0 on test.
+    """
+    Xtr, Ptr, ytr = train
+    Xte, Pte, yte = test
+    rows = []
+    for mask in np.asarray(subsets, dtype=bool):
+        sel = np.flatnonzero(mask)
+        if len(sel) == 1:  # one expert: any gating gives it weight 1
+            g_tr, g_te = np.ones((len(ytr), 1)), np.ones((len(yte), 1))
+        else:
+            net = make_network().fit(Xtr, Ptr[:, sel], ytr)
+            g_tr, g_te = net.predict_proba(Xtr), net.predict_proba(Xte)
+        full = np.ones(len(sel), bool)
+        row = {"subset": sel.tolist(), "size": int(len(sel))}
+        for split, g_full, g_sub, P, y in (("train", gate_train, g_tr, Ptr, ytr), ("test", gate_test, g_te, Pte, yte)):
+            row[f"{split}_loss_renormalised"] = float(gating.subset_loss(g_full, P, y, mask))
+            row[f"{split}_loss_retrained"] = float(gating.subset_loss(g_sub, P[:, sel], y, full))
+            row[f"{split}_acc_renormalised"] = float(gating.subset_accuracy(g_full, P, y, mask))
+            row[f"{split}_acc_retrained"] = float(gating.subset_accuracy(g_sub, P[:, sel], y, full))
+            row[f"{split}_gap"] = row[f"{split}_loss_retrained"] - row[f"{split}_loss_renormalised"]
+        rows.append(row)
+    summary = {}
+    for split in ("train", "test"):
+        gaps = np.array([r[f"{split}_gap"] for r in rows])
+        summary[split] = {"mean_gap": float(gaps.mean()) if len(gaps) else None,
+                          "max_abs_gap": float(np.abs(gaps).max()) if len(gaps) else None,
+                          "share_renormalised_not_worse": float((gaps >= -1e-9).mean()) if len(gaps) else None}
+    return {"subsets": rows, "summary": summary}
+
+
+# --------------------------------------------------------------------------- Theorem 2
+
+def all_masks(k: int) -> np.ndarray:
+    """Every subset of K experts, row i = the bits of i → (2^K, K) bool."""
+    return ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1).astype(bool)
+
+
+def theorem2_check(gate, probs, answer, *, n_chains: int = 20, seed: int = 0, tol: float = 1e-9,
+                   max_exhaustive_k: int = 10) -> dict:
+    """Theorem 2 on data: does the empirical loss fall (weakly) along S ⊆ S'?
+
+    With K <= ``max_exhaustive_k`` every nested pair of non-empty subsets is checked (``pairs``), and the
+    pairs that add one expert (``steps``); always, ``n_chains`` random chains ∅ ⊂ S_1 ⊂ … ⊂ S_K (one
+    expert added at a time, seeded order) give loss and accuracy curves. A violation is a rise of the
+    loss by more than ``tol``; reported: its share, the largest and the mean rise.
+    """
+    gate = np.asarray(gate, dtype=np.float64)
+    k = gate.shape[1]
+
+    def stats(rise):
+        bad = rise > tol
+        return {"n": int(rise.size), "share_rising": float(bad.mean()) if rise.size else None,
+                "max_rise": float(rise.max()) if rise.size else None,
+                "mean_rise_when_rising": float(rise[bad].mean()) if bad.any() else 0.0}
+
+    out = {"k": k, "tol": tol}
+    if k <= max_exhaustive_k:
+        masks = all_masks(k)
+        loss = gating.subset_loss(gate, probs, answer, masks)
+        acc = gating.subset_accuracy(gate, probs, answer, masks)
+        ids = np.arange(2 ** k)
+        sub, sup = np.nonzero(((ids[:, None] & ids[None, :]) == ids[:, None]) & (ids[:, None] != ids[None, :]))
+        keep = sub > 0
+        sub, sup = sub[keep], sup[keep]
+        rise = loss[sup] - loss[sub]
+        out["pairs"] = stats(rise)
+        out["pairs"]["share_accuracy_falling"] = float((acc[sup] < acc[sub] - 1e-12).mean())
+        step = np.array([bin(int(a ^ b)).count("1") == 1 for a, b in zip(sub, sup)], dtype=bool)
+        out["steps"] = stats(rise[step])
+        best = int(np.argmin(np.where(ids > 0, loss, np.inf)))
+        out["best_subset"] = {"experts": np.flatnonzero(masks[best]).tolist(), "loss": float(loss[best]),
+                              "full_set_loss": float(loss[-1])}
+    rng = np.random.default_rng(seed)
+    chains_loss, chains_acc, orders = [], [], []
+    for _ in range(n_chains):
+        order = rng.permutation(k)
+        masks = np.zeros((k, k), bool)
+        for i in range(k):
+            masks[i, order[: i + 1]] = True
+        chains_loss.append(gating.subset_loss(gate, probs, answer, masks))
+        chains_acc.append(gating.subset_accuracy(gate, probs, answer, masks))
+        orders.append(order.tolist())
+    chains_loss = np.array(chains_loss).reshape(n_chains, k)
+    out["chains"] = {"orders": orders, "loss": chains_loss.tolist(),
+                     "accuracy": np.array(chains_acc).reshape(n_chains, k).tolist(),
+                     **stats(np.diff(chains_loss, axis=1).ravel())}
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+def fig3_figure(metrics: Mapping, title: str = "MMLU accuracy (test split), 95% bootstrap intervals"):
+    """Bars with bootstrap intervals in the order of the paper's Fig. 3 (+ our extra baselines), one per base model."""
+    import matplotlib.pyplot as plt
+
+    names, acc, ci, colors = [], [], [], []
+    for base, v in metrics.get("single_agents", {}).items():
+        names.append(f"S.A.\n{base}")
+        acc.append(v["accuracy"])
+        ci.append(v["ci95"])
+        colors.append("#9e9e9e")
+    for m in METHODS:
+        if m == "single_agent" or m not in metrics["accuracy"]:
+            continue
+        names.append(LABELS[m].replace(" ", "\n", 1))
+        acc.append(metrics["accuracy"][m])
+        ci.append(metrics["ci95"][m])
+        colors.append("#d62728" if m.startswith("moe2") else "#bcbd22" if m == "oracle" else "#1f77b4")
+    acc, ci = np.array(acc), np.array(ci)
+    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 3.8))
+    x = np.arange(len(names))
+    ax.bar(x, acc, color=colors, yerr=np.abs(ci.T - acc), capsize=3)
+    for xi, a, hi in zip(x, acc, ci[:, 1]):
+        ax.text(xi, max(a, hi) + 0.01, f"{100 * a:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, min(1.08, max(0.3, float(ci.max()) + 0.08)))
+    n_test = metrics.get("n_test")
+    ax.set_title(title + (f" (n={n_test})" if n_test else ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def training_figure(history: Sequence[Mapping], best_epoch: int | None = None):
+    """Train/validation fused NLL per epoch and the learning rate (ReduceLROnPlateau)."""
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax.plot(ep, [h["train_loss"] for h in history], label="train")
+    if any(h.get("val_loss") is not None for h in history):
+        ax.plot(ep, [h["val_loss"] for h in history], label="validation")
+    if best_epoch:
+        ax.axvline(best_epoch, color="k", ls=":", label=f"best epoch {best_epoch}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fused NLL of the correct letter")
+    ax.legend(fontsize=8)
+    ax2.semilogy(ep, [h["lr"] for h in history])
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("learning rate")
+    fig.tight_layout()
+    return fig
+
+
+def theorems_figure(theorem1: Mapping, theorem2: Mapping):
+    """Left: Theorem 1, retrained vs renormalised test loss per subset. Right: Theorem 2, loss along random chains."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rows = theorem1.get("subsets", [])
+    if rows:
+        for split, marker in (("train", "o"), ("test", "s")):
+            a = [r[f"{split}_loss_renormalised"] for r in rows]
+            b = [r[f"{split}_loss_retrained"] for r in rows]
+            ax.scatter(a, b, marker=marker, label=split, alpha=0.8)
+        every = [r[f"{s}_loss_{w}"] for r in rows for s in ("train", "test") for w in ("renormalised", "retrained")]
+        lo, hi = min(every), max(every)
+        ax.plot([lo, hi], [lo, hi], "k:", lw=1)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("loss, full-set gating renormalised to S (eq. 2)")
+    ax.set_ylabel("loss, gating retrained on S")
+    ax.set_title("Theorem 1: optimality for subsets", fontsize=9)
+    loss = np.array(theorem2["chains"]["loss"])
+    sizes = np.arange(1, loss.shape[1] + 1)
+    for row in loss:
+        ax2.plot(sizes, row, color="#1f77b4", alpha=0.35, marker=".")
+    share = theorem2.get("pairs", theorem2["chains"])["share_rising"]
+    ax2.set_xlabel("subset size along a random nested chain")
+    ax2.set_ylabel("fused NLL")
+    ax2.set_xticks(sizes)
+    ax2.set_title(f"Theorem 2: monotonic improvement (loss rises on {100 * share:.1f}% of nested pairs)",
+                  fontsize=9)
+    fig.tight_layout()
+    return fig
