@@ -1,0 +1,236 @@
+"""Testbed tables (Tables II–IV): accuracy under a delay budget × energy budgets, with Alg. 3 inference.
+
+For each delay budget T and energy budget E:
+
+* **MoE2** — SMO (Alg. 2) picks ``S*`` minimising the gating's fused loss on the gating's training
+  prompts under ``max delay <= T - t_gate`` and ``sum energy <= E``; on each test prompt the Top-k
+  of ``S*`` by gating value are kept, their weights renormalised (28) and their distributions fused
+  (29); the answer is the fused argmax.
+* **SMO + M.V.** — the same ``S*``, answered by majority voting of its members.
+* **Random + M.V.** — a random feasible subset (experts visited in a random order, each added while
+  both budgets still hold, so the subset is maximal), majority voting; mean and spread over seeds.
+
+A budget no expert fits gives NaN (printed as "—"). Budgets for a machine other than the paper's
+testbed come from :func:`rescale_budgets`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import gating, smo
+from .evaluation import majority_vote
+from .errors import InputError
+
+PAPER_ENERGY_BUDGETS = (5.0, 10.0, 15.0, 20.0, 25.0, 35.0, 50.0)  # J per prompt, Tables II–IV
+PAPER_DELAY_BUDGETS = {"1 s (Table II)": 1.0, "2 s (Table III)": 2.0, "relaxed (Table IV)": math.inf}
+METHODS = ("MoE2", "SMO + M.V.", "Random + M.V.")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Gating values ``gate[N, K]``, expert distributions ``probs[N, K, C]`` and answers ``answer[N]``."""
+
+    gate: np.ndarray
+    probs: np.ndarray
+    answer: np.ndarray
+
+    def __post_init__(self):
+        n, k = np.shape(self.gate)
+        if np.shape(self.probs)[:2] != (n, k) or np.shape(self.answer) != (n,):
+            raise InputError(f"gate {np.shape(self.gate)}, probs {np.shape(self.probs)} and answer "
+                             f"{np.shape(self.answer)} disagree in N or K", param="split")
+
+    def loss(self, masks) -> np.ndarray:
+        """The SMO objective: mean fused NLL of the correct answer for each subset mask (m, K)."""
+        return gating.subset_loss(self.gate, self.probs, self.answer, masks)
+
+
+def moe2_answers(split: Split, mask, top_k: int | None) -> np.ndarray:
+    """Alg. 3 on each prompt: Top-k of ``mask`` by gating value, renormalised weights, fused argmax."""
+    mask = np.asarray(mask, dtype=bool)
+    chosen = mask if top_k is None else gating.topk_mask(split.gate, mask, top_k)
+    weights = gating.subset_weights(split.gate, chosen)
+    return gating.fuse(weights, split.probs).argmax(-1)
+
+
+def random_feasible_subset(delay, energy, delay_budget, energy_budget, rng) -> np.ndarray:
+    """A random maximal subset within both budgets (empty when no expert fits)."""
+    delay, energy = np.asarray(delay, float), np.asarray(energy, float)
+    mask = np.zeros(delay.size, dtype=bool)
+    spent = 0.0
+    for k in rng.permutation(delay.size):
+        if delay[k] <= delay_budget and spent + energy[k] <= energy_budget:
+            mask[k] = True
+            spent += energy[k]
+    return mask
+
+
+@dataclass
+class BudgetCell:
+    """One (delay budget, energy budget) cell: the SMO subset and each method's accuracy."""
+
+    delay_budget: float
+    energy_budget: float
+    subset: np.ndarray
+    feasible: bool
+    accuracy: dict
+    random_std: float
+    evaluations: int
+    smo_seconds: float
+    smo_loss: float
+    exhaustive_loss: float  # nan when not checked (K > 16)
+
+
+def budget_cell(train: Split, test: Split, delay, energy, delay_budget: float, energy_budget: float, *,
+                top_k: int | None = 2, n_random: int = 20, seed: int = 0, eps: float = 0.0,
+                t_gate: float = 0.0) -> BudgetCell:
+    """Accuracy of the three methods on ``test`` for one pair of budgets (SMO's loss on ``train``)."""
+    budget = max(delay_budget - t_gate, 0.0)
+    r = smo.select_subset(train.loss, delay, energy, budget, energy_budget, eps=eps)
+    acc = {m: math.nan for m in METHODS}
+    if r.feasible:
+        acc["MoE2"] = float((moe2_answers(test, r.mask, top_k) == test.answer).mean())
+        acc["SMO + M.V."] = float((majority_vote(test.probs, r.mask) == test.answer).mean())
+    rng = np.random.default_rng(seed)
+    rand = []
+    for _ in range(n_random):
+        mask = random_feasible_subset(delay, energy, budget, energy_budget, rng)
+        if mask.any():
+            rand.append(float((majority_vote(test.probs, mask) == test.answer).mean()))
+    if rand:
+        acc["Random + M.V."] = float(np.mean(rand))
+    exhaustive = math.nan
+    if np.size(delay) <= 16:  # the reference: SMO's gap where the finite gating breaks Theorem 2
+        exhaustive = smo.exhaustive_subset(train.loss, delay, energy, budget, energy_budget).loss
+    return BudgetCell(delay_budget, energy_budget, r.mask, r.feasible, acc,
+                      float(np.std(rand)) if rand else math.nan, r.evaluations, r.elapsed_s, r.loss, exhaustive)
+
+
+def testbed_table(train: Split, test: Split, delay, energy, delay_budget: float,
+                  energy_budgets: Sequence[float], **options):
+    """One paper table: rows are the methods, columns the energy budgets; also the cells themselves."""
+    import pandas as pd
+
+    cells = [budget_cell(train, test, delay, energy, delay_budget, e, **options) for e in energy_budgets]
+    table = pd.DataFrame({f"{c.energy_budget:g}": [100 * c.accuracy[m] for m in METHODS] for c in cells},
+                         index=list(METHODS))
+    table.index.name = "method"
+    return table, cells
+
+
+def rescale_budgets(delay_budgets, energy_budgets, reference: tuple, target: tuple):
+    """Budgets for another machine: scaled by the ratio of the experts' mean delay and mean energy.
+
+    ``reference`` and ``target`` are ``(delay[K], energy[K])`` of the same experts on the paper's testbed
+    (emulated) and on the target machine, so a budget keeps the same place among the experts' costs.
+    """
+    (d0, e0), (d1, e1) = reference, target
+    fd = float(np.mean(d1) / np.mean(d0))
+    fe = float(np.mean(e1) / np.mean(e0))
+    return [b * fd for b in delay_budgets], [b * fe for b in energy_budgets]
+
+
+def pareto_front(cost, accuracy) -> np.ndarray:
+    """Indices of the points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+    cost, accuracy = np.asarray(cost, float), np.asarray(accuracy, float)
+    order = np.lexsort((-accuracy, cost))
+    front, best = [], -math.inf
+    for i in order:
+        if accuracy[i] > best:
+            front.append(i)
+            best = accuracy[i]
+    return np.array(front, dtype=np.int64)
+
+
+def all_subsets(split: Split, delay, energy, top_k: int | None = 2):
+    """Every non-empty subset (K <= 16): its mask, delay, energy and MoE2 accuracy on ``split``."""
+    K = np.shape(delay)[0]
+    if K > 16:
+        raise InputError(f"{K} experts: 2^K subsets are too many to list (at most 16)", param="delay")
+    masks = smo.int_to_masks(np.arange(1, 1 << K), K)
+    acc = np.array([(moe2_answers(split, m, top_k) == split.answer).mean() for m in masks])
+    return masks, smo.subset_delay(masks, np.asarray(delay, float)), \
+        smo.subset_energy(masks, np.asarray(energy, float)), acc
+
+
+def markdown(table, title: str) -> str:
+    """A table as GitHub Markdown, NaN as a dash."""
+    cols = list(table.columns)
+    lines = [f"**{title}**", "", "| method | " + " | ".join(f"{c} J" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name, row in table.iterrows():
+        lines.append(f"| {name} | " + " | ".join("—" if np.isnan(v) else f"{v:.1f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_splits(scores_path, gate_path) -> tuple[Split, Split, list[str]]:
+    """The gating stage's train and test prompts: ``gate.npz`` (qid, gate[N, K], train[N]) joined to the scores by qid."""
+    from . import artifacts
+    from .scoring import Scores
+
+    scores = Scores.load(scores_path)
+    g = artifacts.read_npz(gate_path)
+    for key in ("qid", "gate", "train"):
+        if key not in g:
+            raise InputError(f"lacks {key!r}", path=gate_path, param=key)
+    index = {q: i for i, q in enumerate(scores.qid.tolist())}
+    missing = [q for q in g["qid"].tolist() if q not in index]
+    if missing:
+        raise InputError(f"{len(missing)} gated prompts are not in {scores_path} (first: {missing[0]})",
+                         path=gate_path, param="qid")
+    if g["gate"].shape != (g["qid"].size, scores.probs.shape[1]):
+        raise InputError(f"gate has shape {g['gate'].shape}, expected ({g['qid'].size}, {scores.probs.shape[1]})",
+                         path=gate_path, param="gate")
+    rows = np.array([index[q] for q in g["qid"].tolist()])
+    train = g["train"].astype(bool)
+    split = lambda sel: Split(g["gate"][sel], scores.probs[rows[sel]], scores.answer[rows[sel]])  # noqa: E731
+    return split(train), split(~train), [str(e) for e in scores.experts]
+
+
+def delay_labels(delay_budgets) -> list[str]:
+    """File-name-safe labels of delay budgets: ``1s``, ``2s``, ``relaxed``."""
+    return ["relaxed" if d is None or math.isinf(d) else f"{d:g}s" for d in delay_budgets]
+
+
+def heatmap_figure(results: dict, experts: Sequence[str]):
+    """One heatmap per table: methods × energy budgets, accuracy (%) in each cell."""
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.5 + 1.3 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        cells = results[name]["cells"]
+        acc = np.array([[100 * c["accuracy"][m] for c in cells] for m in METHODS])
+        ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(METHODS)), METHODS)
+        ax.set_xticks(range(len(cells)), [f"{c['energy_budget_j']:.3g}" for c in cells])
+        for (i, j), v in np.ndenumerate(acc):
+            ax.text(j, i, "—" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
+                    color="white" if np.isnan(v) or v < np.nanmean(acc) else "black", fontsize=8)
+        ax.set_title(f"{name} (delay budget {results[name]['delay_budget_s']:.3g} s)", fontsize=9)
+    axes[-1, 0].set_xlabel("energy budget per prompt (J)")
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(masks, delay, energy, accuracy, title: str):
+    """Accuracy of every subset against its energy and its delay, with the Pareto fronts."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    size = masks.sum(1)
+    for ax, cost, label in ((axes[0], energy, "energy per prompt (J)"), (axes[1], delay, "delay per prompt (s)")):
+        sc = ax.scatter(cost, 100 * accuracy, c=size, cmap="viridis", s=12, alpha=0.7)
+        front = pareto_front(cost, accuracy)
+        ax.step(cost[front], 100 * accuracy[front], where="post", color="crimson", label="Pareto front")
+        ax.set_xlabel(label)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("MoE2 accuracy (%)")
+    fig.colorbar(sc, ax=axes, label="experts in the subset")
+    fig.suptitle(title, fontsize=10)
+    return fig
