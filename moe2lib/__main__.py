@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import Moe2Error
+from .errors import Moe2Error, ResourceUnavailable
 
 
 def _reproduce(args):
@@ -65,6 +65,92 @@ def _score(args):
     print(f"wrote {args.out}  probs {tuple(np.shape(scores.probs))}")
 
 
+def _serve_experts(args):
+    import signal
+    import time
+
+    from . import servers
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops the servers as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
+    options = dict(n_threads=args.threads, n_ctx=args.n_ctx)
+    models = args.models.split(",") if args.models else None
+    specs = servers.default_specs(args.experts, models, **options)
+    with servers.ServerPool(specs, base_port=args.base_port) as pool:
+        for name, url in pool.urls.items():
+            print(f"{name:28s} {url}", flush=True)
+        print("experts: " + ",".join(f"{n}={u}" for n, u in pool.urls.items()), flush=True)
+        print("serving; Ctrl-C stops all servers", flush=True)
+        try:
+            while all(s.alive() for s in pool.servers):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return
+        dead = [f"{s.spec.name} (log: {s.log_path})" for s in pool.servers if not s.alive()]
+        raise ResourceUnavailable(f"expert server exited: {', '.join(dead)}; the others are stopped")
+
+
+def _coordinator(args):
+    from . import coordinator as co
+
+    gate = co.gate_from_gating(args.gating) if args.gating else None
+    return co.Coordinator(co.clients_from_urls(args.experts, args.api), gate, top_k=args.top_k, top_n=args.top_n,
+                          remainder=args.remainder, prefix=not args.exact, timeout=args.timeout,
+                          costs=args.costs, deadline_s=args.deadline, energy_j=args.energy)
+
+
+def _generate(args):
+    import asyncio
+
+    coord = _coordinator(args)
+    out: dict = {}
+
+    async def run():
+        async for step in coord.astream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                        seed=args.seed, stop=args.stop or (), result=out):
+            print(step.text, end="", flush=True)
+            if args.verbose:
+                print(f"  [{','.join(step.experts)}]", end="", file=sys.stderr, flush=True)
+
+    asyncio.run(run())
+    gen = out["generation"]
+    print()
+    print(f"[{gen.finish_reason}; {len(gen.steps)} steps; delay {gen.delay_s:.2f} s; energy {gen.energy_j:.3g} J "
+          f"({gen.energy_source}); experts {gen.selected}; dropped {gen.dropped or 'none'}]", file=sys.stderr)
+    if args.trace:
+        from .artifacts import write_json
+        write_json(args.trace, gen.to_dict())
+
+
+def _serve(args):
+    import uvicorn
+
+    from .coordinator import Limits, make_app
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}, reachable beyond this machine", file=sys.stderr)
+    app = make_app(_coordinator(args), Limits(args.max_prompt_chars, args.max_tokens_limit, args.concurrency))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _fusion_options(p):
+    p.add_argument("--experts", required=True, help="comma-separated expert server URLs, optionally name=URL")
+    p.add_argument("--api", default="openai", help="server API: openai (llama-cpp-python, vLLM /v1/completions) "
+                                                   "or llama-server (llama.cpp /completion)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k experts with the largest gating values")
+    p.add_argument("--top-n", type=int, default=10, help="tokens asked from each expert per step")
+    p.add_argument("--remainder", default="drop", choices=["drop", "uniform"],
+                   help="mass outside an expert's top-n: renormalise it away, or spread it over the vocabulary")
+    p.add_argument("--exact", action="store_true", help="match candidates by exact text only (no prefix credit)")
+    p.add_argument("--gating", help="gating.safetensors of the gating stage (default: uniform weights)")
+    p.add_argument("--costs", help="profiles.json with per-expert per-token delay/energy estimates")
+    p.add_argument("--deadline", type=float, help="delay budget per request, s (eq. 9)")
+    p.add_argument("--energy", type=float, help="energy budget per request, J (eq. 12)")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m moe2lib",
@@ -110,6 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "Q4_0, F32 (re-encoded once into the cache)")
     c.add_argument("--data-dir")
     c.set_defaults(func=_score)
+
+    se = sub.add_parser("serve-experts", help="start expert servers (llama-cpp-python) on loopback ports",
+                        description="Start one llama.cpp server per expert (adapters from experts.json when it "
+                                    "exists, else the packaged base models) and print their URLs.")
+    se.add_argument("--experts", default="artifacts/experts/experts.json",
+                    help="experts registry (default: %(default)s)")
+    se.add_argument("--models", help="comma-separated base models instead of the registry")
+    se.add_argument("--base-port", type=int, default=8101, help="first port; the next experts take the next ones")
+    se.add_argument("--threads", type=int, default=1, help="threads per server")
+    se.add_argument("--n-ctx", type=int, default=512, help="context size per server")
+    se.set_defaults(func=_serve_experts)
+
+    g = sub.add_parser("generate", help="fused generation across expert servers (prints tokens as they come)")
+    g.add_argument("prompt")
+    _fusion_options(g)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: argmax")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--trace", help="write the step-by-step trace to this JSON file")
+    g.add_argument("-v", "--verbose", action="store_true", help="show which experts took part in each step")
+    g.set_defaults(func=_generate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible endpoint of the coordinator "
+                                      "(/v1/completions, /v1/chat/completions)")
+    _fusion_options(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8100)
+    sv.add_argument("--max-prompt-chars", type=int, default=4000)
+    sv.add_argument("--max-tokens-limit", type=int, default=256)
+    sv.add_argument("--concurrency", type=int, default=2, help="requests served at once (more: HTTP 429)")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -1,0 +1,139 @@
+"""Token-level fusion of experts' next-token distributions (paper eqs. (2), (26)–(29)), over text.
+
+Each expert reports only its top-n next tokens, as strings with probabilities (a server's
+``top_logprobs``). Experts may use different tokenizers (SmolLM2, Gemma), so candidates are aligned on
+their TEXT, as GaC and UniTE do: the candidate set is the union U of the strings the experts propose, the
+fused distribution is eq. (29) on U, and the chosen string is appended to the common text, which every
+expert re-tokenises on its next request.
+
+Two documented choices (our reading; the paper fuses full-vocabulary distributions of one tokenizer):
+
+* ``remainder`` — the mass 1 − Σ top-n an expert puts outside its top-n:
+  ``"drop"`` (default): each expert's top-n is renormalised to sum to 1, so a candidate it did not
+  propose gets 0 from it; ``"uniform"``: the remainder is spread uniformly over the vocabulary tokens
+  outside its top-n, so a candidate it did not propose gets ``remainder / (vocab_size − n)``.
+* ``prefix`` — cross-tokenizer alignment: when an expert did not propose candidate c but proposed a
+  strict prefix of it (Gemma's " Parisian" vs SmolLM2's " Paris"), it is credited with the probability
+  of its longest such prefix — the probability of the first step it would take towards c (UniTE's rule,
+  with the expert's own top-n standing in for its tokenizer). Off: exact string matches only.
+
+The fused scores are normalised over U, i.e. (29) conditioned on the next text being in U. With
+``remainder="drop"`` and ``prefix=False`` no normalisation is needed: it is exactly (29) on the
+renormalised top-n distributions. The empty string ``STOP`` stands for end of text (llama-cpp-python's
+server detokenises EOS and other special tokens to "").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import gating
+from .errors import InputError
+
+STOP = ""
+REMAINDERS = ("drop", "uniform")
+DEFAULT_VOCAB = 50_000  # vocabulary size assumed for remainder="uniform" when an expert's is unknown
+
+
+def subset_weights(gate: Sequence[float], mask: Sequence[bool]) -> np.ndarray:
+    """Eq. (2) for one prompt (:func:`moe2lib.gating.subset_weights`); an empty subset is an error here."""
+    if not np.asarray(mask, dtype=bool).any():
+        raise InputError("the subset is empty", param="mask")
+    return gating.subset_weights(gate, mask)
+
+
+def top_k_mask(gate: Sequence[float], k: int | None, mask: Sequence[bool] | None = None) -> np.ndarray:
+    """Eqs. (26)–(27) for one prompt: the Top-k experts of subset S (all of S when ``k`` is None)."""
+    m = np.ones(np.shape(gate), bool) if mask is None else np.asarray(mask, dtype=bool)
+    if k is not None and k < 1:
+        raise InputError(f"top_k must be >= 1, got {k}", param="top_k")
+    return m.copy() if k is None else gating.topk_mask(gate, m, k)[0]
+
+
+def probs_from_logprobs(top: Mapping[str, float]) -> dict[str, float]:
+    """A server's ``{token string: logprob}`` as probabilities (strings are already merged by the server)."""
+    return {str(s): float(np.exp(lp)) for s, lp in top.items() if lp is not None and np.isfinite(lp)}
+
+
+@dataclass
+class Fused:
+    """The fused distribution of one step: candidates, their probabilities, each expert's credited scores."""
+
+    candidates: list[str]
+    probs: np.ndarray                 # (|U|,) sums to 1
+    expert_scores: np.ndarray         # (K, |U|) p̃_k(c) before weighting
+    weights: np.ndarray               # (K,) the weights used (sum to 1)
+    names: list[str] = field(default_factory=list)
+
+    def top(self, n: int = 10) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probs, kind="stable")[:n]
+        return [(self.candidates[i], float(self.probs[i])) for i in order]
+
+    def argmax(self) -> str:
+        return self.candidates[int(np.argmax(self.probs))]
+
+
+def expert_scores(top: Mapping[str, float], candidates: Sequence[str], *, remainder: str = "drop",
+                  prefix: bool = True, vocab_size: int | None = None) -> np.ndarray:
+    """p̃_k(c) for every candidate c: the expert's probability, its prefix credit, or its remainder share."""
+    if remainder not in REMAINDERS:
+        raise InputError(f"remainder must be one of {REMAINDERS}, got {remainder!r}", param="remainder")
+    p = {s: max(float(v), 0.0) for s, v in top.items()}
+    mass = sum(p.values())
+    if mass <= 0:
+        raise InputError("an expert's top-n distribution has no mass", param="top")
+    if remainder == "drop":
+        p = {s: v / mass for s, v in p.items()}
+        rest = 0.0
+    else:
+        mass = min(mass, 1.0)
+        outside = max((vocab_size or DEFAULT_VOCAB) - len(p), 1)
+        rest = (1.0 - mass) / outside
+    own = sorted((s for s in p if s != STOP), key=len, reverse=True)
+    out = np.empty(len(candidates))
+    for j, c in enumerate(candidates):
+        if c in p:
+            out[j] = p[c]
+            continue
+        credit = next((p[s] for s in own if prefix and c != STOP and len(s) < len(c) and c.startswith(s)), None)
+        out[j] = rest if credit is None else credit
+    return out
+
+
+def fuse(tops: Sequence[Mapping[str, float]], weights: Sequence[float], *, remainder: str = "drop",
+         prefix: bool = True, vocab_sizes: Sequence[int | None] | None = None,
+         names: Sequence[str] = ()) -> Fused:
+    """Eq. (29) over the union of the experts' top-n strings: p(c) ∝ Σ_k w_k p̃_k(c)."""
+    w = np.asarray(weights, dtype=float)
+    if len(tops) != len(w) or len(tops) == 0:
+        raise InputError(f"{len(tops)} distributions but {len(w)} weights", param="weights")
+    if np.any(w < 0) or not np.isclose(w.sum(), 1.0):
+        raise InputError(f"weights must be non-negative and sum to 1, got {w.tolist()}", param="weights")
+    candidates: list[str] = []
+    seen = set()
+    for top in tops:
+        for s in sorted(top, key=lambda s: -top[s]):
+            if s not in seen:
+                seen.add(s)
+                candidates.append(s)
+    sizes = list(vocab_sizes) if vocab_sizes is not None else [None] * len(tops)
+    scores = np.stack([expert_scores(t, candidates, remainder=remainder, prefix=prefix, vocab_size=v)
+                       for t, v in zip(tops, sizes)])
+    fused = w @ scores
+    return Fused(candidates, fused / fused.sum(), scores, w, list(names))
+
+
+def choose(fused: Fused, temperature: float = 0.0, rng: np.random.Generator | None = None) -> str:
+    """Argmax (temperature 0) or a sample from p^(1/T), renormalised, with the given generator."""
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}", param="temperature")
+    if temperature == 0:
+        return fused.argmax()
+    logp = np.log(np.maximum(fused.probs, 1e-300)) / temperature
+    q = np.exp(logp - logp.max())
+    q /= q.sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return fused.candidates[int(rng.choice(len(q), p=q))]

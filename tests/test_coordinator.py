@@ -1,0 +1,356 @@
+"""The coordinator against real llama-cpp-python servers: 2× SmolLM2 + Gemma (two tokenizers).
+
+One server pool per module (n_threads=1 each, free loopback ports); every process is checked to be gone
+at the end. The fused output is compared with (29) computed in-process from the same models' logits.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe2lib import fusion, models, servers
+from moe2lib.coordinator import (APIS, AllExpertsFailed, Coordinator, ExpertClient, ExpertCost, Limits,
+                                 OpenAICompletions, clients_from_urls, make_app, render_chat)
+from moe2lib.errors import InputError
+
+pytestmark = pytest.mark.slow
+PROMPT = "Question: What is the capital of France?\nAnswer:"
+TOP_N = 8
+
+
+def _second_smollm2():
+    """An adapter of the experts stage when there is one, else SmolLM2 re-encoded as Q8_0 (other logits)."""
+    reg = Path(__file__).resolve().parents[1] / "artifacts" / "experts" / "experts.json"
+    if reg.exists():
+        for s in servers.specs_from_registry(reg):
+            if s.adapter and "smollm2" in s.model:
+                return s.model, s.adapter
+    return str(models.requantized("smollm2-135m-instruct", "Q8_0")), None
+
+
+@pytest.fixture(scope="module")
+def pool():
+    model2, adapter2 = _second_smollm2()
+    specs = [servers.ServerSpec("smol", "smollm2-135m-instruct"),
+             servers.ServerSpec("smol-b", model2, adapter2),
+             servers.ServerSpec("gemma", "gemma3-270m")]
+    p = servers.ServerPool(specs).start()
+    yield p
+    p.stop()
+    assert not any(s.alive() for s in p.servers)
+    for s in p.servers:  # the ports are free again: nothing leaked
+        with socket.socket() as sock:
+            assert sock.connect_ex((s.host, s.port)) != 0
+
+
+def clients(pool, names=("smol", "smol-b", "gemma")):
+    return pool.clients(names)
+
+
+class Reference:
+    """Each server's model in-process: the top-n strings of the log-softmax of the last logits, as the server."""
+
+    def __init__(self, pool):
+        import llama_cpp
+
+        self.llms = {}
+        for s in pool.servers:
+            self.llms[s.spec.name] = llama_cpp.Llama(str(s.spec.model_path()), n_ctx=512, n_threads=1,
+                                                     lora_path=s.spec.adapter, verbose=False)
+
+    def top(self, name, text, n=TOP_N):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        llm = self.llms[name]
+        bos = [llm.token_bos()] if llm._model.add_bos_token() else []
+        ids = bos + llm.tokenize(text.encode(), add_bos=False, special=True)
+        # like the server: keep the cached prefix and decode only the new tokens (same kernels, same numbers)
+        keep = min(Llama.longest_token_prefix(llm._input_ids.tolist(), ids), len(ids) - 1)
+        llm.n_tokens = keep
+        llm.eval(ids[keep:])
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        lp = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))
+        top = {}
+        for i in np.argsort(-lp, kind="stable")[:n]:
+            top[llm.detokenize([int(i)]).decode("utf-8", errors="ignore")] = float(lp[i])
+        return {s: float(np.exp(v)) for s, v in top.items()}
+
+    def close(self):
+        for llm in self.llms.values():
+            llm.close()
+
+
+def test_fused_tokens_equal_eq29_computed_in_process(pool):
+    gate = lambda prompt: np.array([0.2, 0.3, 0.5])  # noqa: E731
+    coord = Coordinator(clients(pool), gate, top_n=TOP_N, prefix=False)
+    gen = coord.generate(PROMPT, max_tokens=6)
+    assert gen.finish_reason in ("length", "stop") and len(gen.steps) >= 1
+    assert gen.selected == ["smol", "smol-b", "gemma"] and not gen.dropped
+    ref = Reference(pool)
+    try:
+        text = PROMPT
+        for step in gen.steps:
+            assert step.experts == ["smol", "smol-b", "gemma"]
+            assert step.weights == pytest.approx({"smol": 0.2, "smol-b": 0.3, "gemma": 0.5})
+            tops = {n: ref.top(n, text) for n in step.experts}
+            for n in step.experts:  # the server's top-n = log-softmax of the raw logits over the full vocabulary
+                got = dict(step.expert_top[n])
+                assert set(got) == set(tops[n]), n
+                assert [got[s] for s in tops[n]] == pytest.approx(list(tops[n].values()), abs=2e-3), (step.index, n)
+            # eq. (29) over the union, each top-n renormalised (remainder="drop"), written out here
+            union = set().union(*tops.values())
+            p = {c: sum(step.weights[n] * tops[n].get(c, 0.0) / sum(tops[n].values()) for n in tops) for c in union}
+            best = max(p, key=p.get)
+            assert step.text == best
+            fused = dict(step.fused_top)
+            assert [fused[c] for c, _ in step.fused_top] == pytest.approx([p[c] for c, _ in step.fused_top], abs=2e-3)
+            text += step.text
+        assert text == PROMPT + gen.text
+    finally:
+        ref.close()
+    # the two tokenizers really are different: Gemma adds a BOS, SmolLM2 does not
+    assert gen.steps[0].expert_top["gemma"] != gen.steps[0].expert_top["smol"]
+
+
+def test_stream_survives_a_server_killed_mid_generation(pool):
+    victim = servers.ServerPool([servers.ServerSpec("victim", "smollm2-135m-instruct")]).start()
+    try:
+        coord = Coordinator(clients(pool, ("smol", "gemma")) + victim.clients(),
+                            top_n=TOP_N, timeout=20)
+        out, seen = {}, []
+
+        async def run():
+            async for step in coord.astream("The three primary colours are", max_tokens=6, result=out):
+                seen.append(step)
+                if step.index == 1:
+                    victim["victim"].kill()
+
+        import asyncio
+        asyncio.run(run())
+    finally:
+        victim.stop()
+    gen = out["generation"]
+    assert len(gen.steps) == 6 and gen.finish_reason == "length"
+    assert [s.experts for s in gen.steps[:2]] == [["smol", "gemma", "victim"]] * 2
+    assert all(s.experts == ["smol", "gemma"] for s in gen.steps[2:])
+    assert "victim" in gen.steps[2].dropped and gen.dropped["victim"].startswith("failed")
+    assert gen.steps[2].weights == pytest.approx({"smol": 0.5, "gemma": 0.5})  # eq. (2) on the survivors
+    assert gen.text == "".join(s.text for s in gen.steps)
+
+
+def test_silent_server_times_out_and_all_down_is_a_clear_error(pool):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        coord = Coordinator([ExpertClient(url, "silent"), ExpertClient(pool["smol"].url, "smol")],
+                            top_n=4, timeout=0.5)
+        gen = coord.generate("Hello", max_tokens=2)
+        assert gen.dropped["silent"].startswith("failed: ReadTimeout")
+        assert [s.experts for s in gen.steps] == [["smol"], ["smol"]]
+        dead = Coordinator([ExpertClient(url, "silent"), ExpertClient(f"http://127.0.0.1:{servers.free_port()}",
+                                                                      "gone")], timeout=0.5)
+        with pytest.raises(AllExpertsFailed, match="all experts failed.*silent.*gone"):
+            dead.generate("Hello", max_tokens=2)
+
+
+def test_budgets_drop_the_slowest_and_report_energy(pool):
+    costs = {"smol": ExpertCost(0.01, 0.5), "smol-b": ExpertCost(0.02, 0.7), "gemma": ExpertCost(3.0, 2.0)}
+    coord = Coordinator(clients(pool), top_n=4, costs=costs, deadline_s=5.0)
+    gen = coord.generate("The capital of France is", max_tokens=3)
+    assert len(gen.steps) == 3
+    assert gen.selected == ["smol", "smol-b"] and gen.dropped["gemma"].startswith("deadline")
+    assert gen.energy_j == pytest.approx(3 * (0.5 + 0.7)) and gen.energy_source.startswith("estimated")
+    assert gen.delay_s > 0 and all(s.experts == ["smol", "smol-b"] for s in gen.steps)
+    # energy budget (eq. 12): 3 tokens of all three cost 9.6 J > 4 J; dropping gemma leaves 3.6 J
+    coord = Coordinator(clients(pool), top_n=4, costs=costs, energy_j=4.0)
+    gen = coord.generate("The capital of France is", max_tokens=3)
+    assert gen.selected == ["smol", "smol-b"] and gen.dropped["gemma"].startswith("energy")
+    assert gen.energy_j <= 4.0
+
+
+def test_deadline_at_run_time_drops_the_measured_slowest_then_stops(pool):
+    coord = Coordinator(clients(pool, ("smol", "gemma")), top_n=4, deadline_s=1.5)  # no estimates: measured
+    gen = coord.generate("Once upon a time", max_tokens=60)
+    assert gen.steps[0].experts == ["smol", "gemma"] and gen.dropped["gemma"].startswith("deadline")
+    assert all(s.experts == ["smol"] for s in gen.steps[1:])
+    assert gen.finish_reason in ("deadline", "stop") and len(gen.steps) < 60
+    if gen.finish_reason == "deadline":
+        assert gen.delay_s >= 1.5 and gen.dropped["smol"] == "deadline: reached"
+
+
+def test_openai_endpoint_completions_chat_stream_and_limits(pool):
+    from fastapi.testclient import TestClient
+
+    # (greedy answers can differ between calls by a near-tie: llama.cpp's numbers depend on how much of the
+    # prompt a server had cached; so each answer is checked against its own step record)
+    coord = Coordinator(clients(pool, ("smol", "gemma")), top_n=TOP_N)
+    api = TestClient(make_app(coord, Limits(max_prompt_chars=200, max_tokens=8, max_concurrency=2)))
+    r = api.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == "".join(s["text"] for s in body["moe2"]["steps"])
+    assert len(body["moe2"]["steps"]) == 4 and body["choices"][0]["finish_reason"] == "length"
+    assert body["moe2"]["steps"][0]["experts"] == ["smol", "gemma"] and "estimated" in body["moe2"]["energy_source"]
+    with api.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 2 and all(c["moe2"]["experts"] == ["smol", "gemma"] for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(s["text"] for s in chunks[-1]["moe2"]["steps"])
+    r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert api.post("/v1/completions", json={"prompt": "x" * 201}).status_code == 400
+    r = api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 9})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    assert api.get("/v1/models").json()["data"][0]["experts"] == ["smol", "gemma"]
+
+
+def test_cli_generate_against_the_servers(pool, tmp_path):
+    urls = ",".join(f"{n}={pool[n].url}" for n in ("smol", "gemma"))
+    trace = tmp_path / "trace.json"
+    out = subprocess.run([sys.executable, "-m", "moe2lib", "generate", PROMPT, "--experts", urls, "--max-tokens", "3",
+                          "--top-n", str(TOP_N), "--trace", str(trace)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    gen = json.loads(trace.read_text())
+    assert out.stdout == gen["text"] + "\n" and gen["text"] == "".join(s["text"] for s in gen["steps"])
+    assert "experts ['smol', 'gemma']" in out.stderr
+
+
+def test_server_logprobs_ignore_temperature_and_the_eos_bias(pool):
+    """llama-cpp-python's top_logprobs are the raw log-softmax: sampling settings do not move them."""
+    import httpx
+
+    url = pool["smol"].url + "/v1/completions"
+    base = {"prompt": PROMPT, "max_tokens": 1, "logprobs": 5}
+    a = httpx.post(url, json={**base, "temperature": 0.0}, timeout=60).json()["choices"][0]
+    b = httpx.post(url, json={**base, "temperature": 1.5, "seed": 7, "logit_bias": {
+        str(i): -100.0 for i in pool["smol"].client().end_ids}}, timeout=60).json()["choices"][0]
+    if a["finish_reason"] == "stop":  # greedy EOS: no logprobs at all without the bias
+        assert a["logprobs"]["top_logprobs"] == []
+    else:
+        assert a["logprobs"]["top_logprobs"][0] == pytest.approx(b["logprobs"]["top_logprobs"][0], abs=1e-4)
+    top = b["logprobs"]["top_logprobs"][0]
+    assert fusion.STOP in top  # SmolLM2 would end here: EOS is in its top-5, as ""
+    assert sum(np.exp(v) for v in top.values()) < 1.0
+
+
+def test_client_learns_end_tokens_when_eos_hides_the_logprobs(pool):
+    import asyncio
+
+    import httpx
+
+    async def ask(client):
+        async with httpx.AsyncClient() as http:
+            return await client.next_distribution(http, PROMPT, 5, 30)
+
+    plain = ExpertClient(pool["smol"].url, "smol")  # no end_ids given: SmolLM2's greedy token here is EOS
+    top = asyncio.run(ask(plain))
+    assert set(plain.end_ids) <= set(pool["smol"].client().end_ids) and 2 in plain.end_ids
+    assert len(top) >= 5 and fusion.STOP in top and top == pytest.approx(asyncio.run(ask(pool["smol"].client())),
+                                                                        abs=1e-4)
+
+
+def test_cli_serve_experts_and_serve(tmp_path):
+    import httpx
+    import time
+
+    def start(args):
+        return subprocess.Popen([sys.executable, "-m", "moe2lib", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    base = servers.free_port()
+    experts = start(["serve-experts", "--models", "smollm2-135m-instruct", "--base-port", str(base)])
+    port = servers.free_port()
+    api = None
+    try:
+        lines = []
+        for line in experts.stdout:
+            lines.append(line)
+            if line.startswith("experts: "):
+                break
+        assert lines[-1].strip() == f"experts: smollm2-135m-instruct=http://127.0.0.1:{base}", "".join(lines)
+        api = start(["serve", "--experts", lines[-1].split(": ", 1)[1].strip(), "--port", str(port)])
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hello", "max_tokens": 2},
+                               timeout=30)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.3)
+        assert r.status_code == 200 and r.json()["moe2"]["selected"] == ["smollm2-135m-instruct"]
+    finally:
+        for proc in (api, experts):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(20)
+    with socket.socket() as sock:  # SIGTERM stopped the expert server too
+        assert sock.connect_ex(("127.0.0.1", base)) != 0
+
+
+def test_parsing_and_inputs_without_servers():
+    api = OpenAICompletions()
+    assert api.parse({"choices": [{"text": "", "logprobs": {"top_logprobs": []}, "finish_reason": "stop"}]}) == {
+        fusion.STOP: 1.0}
+    got = api.parse({"choices": [{"logprobs": {"top_logprobs": [{" a": np.log(0.5), "": np.log(0.25)}]},
+                                  "finish_reason": "length"}]})
+    assert got == pytest.approx({" a": 0.5, fusion.STOP: 0.25})
+    native = APIS["llama-server"]  # llama.cpp's /completion: newer (logprob) and older (prob) answers
+    new = {"completion_probabilities": [{"id": 5, "token": " a", "logprob": -0.1, "top_logprobs": [
+        {"id": 5, "token": " a", "logprob": np.log(0.6)}, {"id": 9, "token": " b", "logprob": np.log(0.3)}]}]}
+    old = {"completion_probabilities": [{"content": " a", "probs": [{"tok_str": " a", "prob": 0.6},
+                                                                    {"tok_str": " b", "prob": 0.3}]}]}
+    assert native.parse(new) == pytest.approx({" a": 0.6, " b": 0.3}) == native.parse(old)
+    assert native.parse({"completion_probabilities": [], "stop": True}) == {fusion.STOP: 1.0}
+    assert native.payload("x", 4, None)["n_probs"] == 4
+    assert [c.name for c in clients_from_urls("a=http://h:1, http://h:2")] == ["a", "h:2"]
+    with pytest.raises(InputError, match="experts"):
+        clients_from_urls("ftp://h:1")
+    assert render_chat([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
+    with pytest.raises(InputError, match=r"messages\[0\]"):
+        render_chat([{"role": "robot", "content": "x"}])
+
+
+def test_costs_from_a_profiles_file(tmp_path):
+    from moe2lib.artifacts import write_json
+    from moe2lib.coordinator import load_costs
+
+    doc = {"modes": {"measured": {
+        "a": {"device": "cpu-local", "classes": {"all": {"delay_s": {"1": 0.5, "32": 2.05},
+                                                         "energy_j": {"1": 3.0, "32": 9.2}}}},
+        "b": {"device": "cpu-local", "classes": {"all": {"delay_s": {"1": 0.2, "32": None}, "energy_j": {}}}}}}}
+    costs = load_costs(write_json(tmp_path / "profiles.json", doc), ["a", "b"])
+    assert costs["a"].delay_s == pytest.approx(0.05) and costs["a"].prompt_delay_s == pytest.approx(0.45)
+    assert costs["a"].energy(32) == pytest.approx(9.2) and costs["b"] == ExpertCost(0.2, 0.0, 0.0, 0.0)
+    with pytest.raises(InputError, match="profiles.json.*'c'"):
+        load_costs(tmp_path / "profiles.json", ["a", "c"])
+    with pytest.raises(InputError, match="mode"):
+        load_costs(tmp_path / "profiles.json", mode="paper-testbed")
+
+
+def test_gating_network_weights_the_experts(pool, tmp_path):
+    """The gating stage's network (eq. (1)) gives the weights; Top-k (27)–(28) renormalises them."""
+    from moe2lib.clustering import embed_texts
+    from moe2lib.coordinator import gate_from_gating
+    from moe2lib.gating import GatingNetwork
+
+    rng = np.random.default_rng(0)
+    texts = [f"question {i} about {w}" for i, w in enumerate(["algebra", "history", "law", "physics"] * 5)]
+    net = GatingNetwork(hidden=(8,), max_epochs=2).fit(embed_texts(texts, progress=False),
+                                                       rng.dirichlet(np.ones(4), (20, 3)), rng.integers(0, 4, 20))
+    net.save(tmp_path / "gating.safetensors")
+    gate = gate_from_gating(tmp_path / "gating.safetensors")
+    g = gate(PROMPT)
+    assert g.shape == (3,) and g.sum() == pytest.approx(1.0)
+    gen = Coordinator(clients(pool), gate, top_k=2, top_n=4).generate(PROMPT, max_tokens=1)
+    keep = np.argsort(-g, kind="stable")[:2]
+    names = ["smol", "smol-b", "gemma"]
+    assert gen.selected == [names[i] for i in sorted(keep)]
+    assert gen.steps[0].weights == pytest.approx({names[i]: g[i] / g[keep].sum() for i in keep})
