@@ -161,3 +161,89 @@ def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     chosen = np.stack([(picks == i).mean(0) for i in range(c)], axis=-1)
     gold = np.bincount(scores.answer, minlength=c) / scores.n
     return chosen, gold
+
+
+# --- specialisation: accuracy per prompt cluster, against the base models -----------------------------
+
+def align(scores: Scores, qid, path=None) -> Scores:
+    """``scores`` with its rows reordered to ``qid``; the two must hold the same questions (else InputError)."""
+    qid = np.asarray(qid)
+    pos = {q: i for i, q in enumerate(scores.qid.tolist())}
+    missing = [q for q in qid.tolist() if q not in pos]
+    if missing or len(qid) != scores.n or len(set(qid.tolist())) != len(qid):
+        extra = sorted(set(pos) - set(qid.tolist()))
+        raise InputError(f"question ids do not match: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(extra)} extra (e.g. {extra[:3]}); score both on the same MMLU sample",
+                         path=path, param="qid")
+    return scores.subset([pos[q] for q in qid.tolist()])
+
+
+def concat_experts(*parts: Scores) -> Scores:
+    """One Scores with the experts of all parts side by side; every part must have the same rows (qid order)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if not np.array_equal(p.qid, first.qid) or not np.array_equal(p.answer, first.answer):
+            raise InputError("scores to concatenate must list the same questions in the same order", param="qid")
+    return Scores(np.concatenate([p.probs for p in parts], 1), first.answer, first.subject, first.qid,
+                  np.concatenate([p.n_tokens for p in parts], 1), np.concatenate([p.experts for p in parts]))
+
+
+def lookup_clusters(qid, cluster_qid, cluster, path=None) -> np.ndarray:
+    """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's mmlu_* arrays."""
+    table = dict(zip(np.asarray(cluster_qid).tolist(), np.asarray(cluster).tolist()))
+    missing = [q for q in np.asarray(qid).tolist() if q not in table]
+    if missing:
+        raise InputError(f"{len(missing)} questions have no cluster (e.g. {missing[:3]}); rerun the clustering "
+                         "stage with these questions", path=path, param="mmlu_qid")
+    return np.array([table[q] for q in np.asarray(qid).tolist()], dtype=np.int64)
+
+
+def cluster_accuracy(scores: Scores, clusters, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy[K, k], questions per cluster[k]); NaN where a cluster has no question."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    if clusters.shape != (scores.n,):
+        raise InputError(f"clusters has shape {clusters.shape}, expected ({scores.n},)", param="clusters")
+    if scores.n and (clusters.min() < 0 or clusters.max() >= k):
+        raise InputError(f"cluster ids must be in 0..{k - 1}", param="clusters")
+    correct = (scores.probs.argmax(-1) == scores.answer[:, None]).astype(np.float64)
+    counts = np.bincount(clusters, minlength=k)
+    sums = np.zeros((k, correct.shape[1]))
+    np.add.at(sums, clusters, correct)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(counts[:, None] > 0, sums / counts[:, None], np.nan)
+    return acc.T, counts
+
+
+def own_cluster_accuracy(scores: Scores, clusters, expert_cluster) -> tuple[np.ndarray, np.ndarray]:
+    """Each expert's accuracy on the questions of its own cluster and on all others, (own[K], other[K]).
+
+    ``expert_cluster[j]`` is expert j's cluster (None or -1: none, giving NaN); an empty side gives NaN.
+    """
+    clusters = np.asarray(clusters, dtype=np.int64)
+    correct = scores.probs.argmax(-1) == scores.answer[:, None]
+    own = np.full(len(scores.experts), np.nan)
+    other = np.full(len(scores.experts), np.nan)
+    for j, c in enumerate(expert_cluster):
+        if c is None or c < 0:
+            continue
+        mine = clusters == c
+        if mine.any():
+            own[j] = correct[mine, j].mean()
+        if (~mine).any():
+            other[j] = correct[~mine, j].mean()
+    return own, other
+
+
+def base_columns(base: Scores, base_models) -> np.ndarray:
+    """Column of ``base`` holding each named base model (labels as ``models.display_name`` gives them)."""
+    from .models import display_name
+
+    names = base.experts.tolist()
+    out = []
+    for m in base_models:
+        label = display_name(m)
+        if label not in names:
+            raise InputError(f"base model {label!r} is not in the base scores (they hold {names})",
+                             param="base_model")
+        out.append(names.index(label))
+    return np.array(out, dtype=np.int64)

@@ -220,3 +220,58 @@ def test_mmlu_sample_is_the_shared_seeded_sample():
     assert [q.source for q in a] == [q.source for q in data.mmlu_sample(114, seed=3)]
     assert [q.source for q in a] != [q.source for q in data.mmlu_sample(114, seed=4)]
     assert len(data.mmlu_sample(0, seed=0, split="dev")) == 285
+
+
+def _key(q):
+    return data._norm_text(q.question), tuple(data._norm_text(c) for c in q.choices)
+
+
+def test_finetune_corpus_counts_sources_and_dedup():
+    corpus = data.load_finetune_corpus()
+    by = {}
+    for q in corpus:
+        by[q.subject] = by.get(q.subject, 0) + 1
+    # 11,008 auxiliary_train rows less 831 exact repeats (science_* files repeat arc_easy rows) and 7
+    # generic stems shared with MMLU; ARC-Easy test 2,376 less 2 already in auxiliary_train and 1 stem.
+    assert len(corpus) == 14915
+    assert by["arc_easy"] == 2373 and by["openbookqa"] == 500 and by["aux_obqa"] == 4944
+    assert by["agieval_lsat_lr"] == 510 and by["agieval_logiqa_en"] == 651 and by["aux_law_90s"] == 1115
+    assert sum(v for k, v in by.items() if k.startswith("agieval_")) == 1865
+    assert len({_key(q) for q in corpus}) == len(corpus)          # no exact duplicates
+    assert len({q.source for q in corpus}) == len(corpus)         # qids are unique
+    first = next(q for q in corpus if q.subject == "arc_easy")
+    assert first.source == "arc/llm-foundry_derived/arc_easy_test.jsonl:1"
+    assert first.question.startswith("Question: Which statement best explains why photosynthesis")
+
+
+def test_finetune_corpus_excludes_mmlu_evaluation_questions():
+    corpus = data.load_finetune_corpus()
+    held_out = {data._norm_text(q.question) for s in ("test", "val", "dev") for q in data.load_mmlu(s)}
+    assert not any(data._norm_text(q.question) in held_out for q in corpus)
+    assert not any(q.source.startswith(("mmlu/test/", "mmlu/val/", "mmlu/dev/")) for q in corpus)
+
+
+def test_finetune_corpus_sources_are_configurable():
+    arc = data.load_finetune_corpus(["arc_easy"])
+    assert len(arc) == 2375 and {q.subject for q in arc} == {"arc_easy"}
+    assert len(data.load_finetune_corpus("openbookqa")) == 500
+    with pytest.raises(InputError, match="known: mmlu_aux, arc_easy") as err:
+        data.load_finetune_corpus(["arc_easy", "squad"])
+    assert err.value.param == "sources" and "squad" in str(err.value)
+
+
+def test_source_files_of_questions():
+    qs = data.load_finetune_corpus(["openbookqa"]) + data.load_mmlu("dev", subjects=["anatomy"])
+    files = data.source_files(qs)
+    root = data.resolve_data_dir()
+    assert files == sorted([root / "mmlu/dev/anatomy_dev.csv",
+                            root / "openbookqa/llm-foundry_derived/openbookqa_test.jsonl"])
+    assert all(f.exists() for f in files)
+
+
+def test_split_of_one_question_per_subject_keeps_the_fraction():
+    qs = data.mmlu_sample(57, seed=0)
+    train, test = data.stratified_split(qs, 0.5, seed=0)
+    assert len(test) == 28 and len(train) == 29
+    train, test = data.stratified_split(qs, 0.25, seed=1)
+    assert len(test) == 14
