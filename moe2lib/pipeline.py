@@ -8,6 +8,8 @@ the stages it reads. A stage whose key is unchanged is skipped; ``force`` reruns
 from __future__ import annotations
 
 import ast
+import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,20 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("base_models", "01_base_models.ipynb", (),
           "score the packaged base models on an MMLU sample; per-subject accuracy and letter bias"),
+    Stage("clustering", "02_clustering.ipynb", (),
+          "embed the fine-tuning and MMLU prompts, k-means into 8 clusters; UMAP and subject heatmap (Fig. 6)"),
+    Stage("experts", "03_experts.ipynb", ("clustering",),
+          "LoRA-fine-tune one expert per cluster (Table V), export GGUF adapters, write experts.json (Table I)"),
+    Stage("scoring", "04_scoring.ipynb", ("base_models", "clustering", "experts"),
+          "score every expert on the MMLU sample; per-cluster accuracy against its base model"),
+    Stage("profiles", "05_profiling.ipynb", ("experts",),
+          "delay and energy vs prompt length (Fig. 5), the delay model (4)-(6), profiles.json"),
+    Stage("gating", "06_gating.ipynb", ("base_models", "scoring"),
+          "gating network (eq. 1), Fig. 3 baselines with bootstrap intervals, Theorem 1-2 checks"),
+    Stage("tables", "07_tables.ipynb", ("scoring", "gating", "profiles"),
+          "SMO subsets and Top-k inference under delay x energy budgets (Tables II-IV), Pareto fronts"),
+    Stage("fusion", "08_fusion.ipynb", ("experts",),
+          "one token-level fused generation across real llama.cpp servers, step by step (Alg. 3)"),
 )}
 
 
@@ -75,14 +91,23 @@ def notebook_parameters(stage: Stage) -> dict[str, Any]:
     """The parameters cell of a stage's notebook: name -> default value."""
     import papermill
 
-    found = papermill.inspect_notebook(str(NOTEBOOKS / stage.notebook))
+    path = NOTEBOOKS / stage.notebook
+    found = papermill.inspect_notebook(str(path))
+    # papermill skips (with only a log line) an assignment it cannot parse; here that is an error
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    cell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    for i, line in enumerate("".join(cell["source"]).splitlines() if cell else [], start=1):
+        m = re.match(r"([A-Za-z_]\w*)\s*=", line)
+        if m and m.group(1) not in found:
+            raise InputError(f"line {i} of the parameters cell is not a `name = literal  # comment` papermill "
+                             f"can read: {line.strip()!r}", path=path, param=m.group(1))
     out = {}
     for name, info in found.items():
         try:
             out[name] = ast.literal_eval(info["default"])
         except (ValueError, SyntaxError):
             raise InputError(f"parameter {name!r} must default to a literal, not {info['default']!r}",
-                             path=NOTEBOOKS / stage.notebook, param=name) from None
+                             path=path, param=name) from None
     return out
 
 

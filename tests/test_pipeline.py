@@ -59,3 +59,19 @@ def test_smoke_pipeline_runs_then_skips(tmp_path):
         assert (tmp_path / "figures" / fig).stat().st_size > 10_000
     again = pipeline.reproduce("smoke", out=tmp_path, log=logs.append)
     assert set(again.values()) == {"skipped"}
+
+
+def test_unparsable_parameter_line_is_an_error(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("seed = 0   # fine\nrank = 8   # scale alpha / r = 2\n",
+                                          metadata={"tags": ["parameters"]})]
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(InputError, match=r"nb\.ipynb.*'rank'.*line 2 "):
+        pipeline.notebook_parameters(pipeline.Stage("x", str(path)))
+    nb.cells[0].source = "seed = 0   # fine\nrank = 8   # alpha over r is 2\n"
+    nbformat.write(nb, path)
+    assert pipeline.notebook_parameters(pipeline.Stage("x", str(path))) == {"seed": 0, "rank": 8}
