@@ -205,14 +205,15 @@ def heatmap_figure(results: dict, experts: Sequence[str]):
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.5 + 1.3 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         cells = results[name]["cells"]
-        acc = np.array([[100 * c["accuracy"][m] for c in cells] for m in METHODS])
+        acc = 100 * np.array([[c["accuracy"][m] for c in cells] for m in METHODS], dtype=float)  # None -> nan
         ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(METHODS)), METHODS)
         ax.set_xticks(range(len(cells)), [f"{c['energy_budget_j']:.3g}" for c in cells])
         for (i, j), v in np.ndenumerate(acc):
             ax.text(j, i, "—" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
                     color="white" if np.isnan(v) or v < np.nanmean(acc) else "black", fontsize=8)
-        ax.set_title(f"{name} (delay budget {results[name]['delay_budget_s']:.3g} s)", fontsize=9)
+        d = results[name]["delay_budget_s"]
+        ax.set_title(f"{name} (delay budget {'none' if d is None else f'{d:.3g} s'})", fontsize=9)
     axes[-1, 0].set_xlabel("energy budget per prompt (J)")
     fig.tight_layout()
     return fig
@@ -234,3 +235,16 @@ def pareto_figure(masks, delay, energy, accuracy, title: str):
     fig.colorbar(sc, ax=axes, label="experts in the subset")
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _finite(x):
+    """A float for JSON: None for NaN (no expert fits) and infinity (no budget)."""
+    return float(x) if np.isfinite(x) else None
+
+
+def cell_records(cells: Sequence[BudgetCell], experts: Sequence[str]) -> list[dict]:
+    """The cells of one table as JSON records (the subset by expert name; NaN and inf as null)."""
+    return [{"energy_budget_j": _finite(c.energy_budget), "subset": [experts[i] for i in np.flatnonzero(c.subset)],
+             "accuracy": {m: _finite(v) for m, v in c.accuracy.items()}, "random_std": _finite(c.random_std),
+             "smo_evaluations": c.evaluations, "smo_seconds": c.smo_seconds, "smo_loss": _finite(c.smo_loss),
+             "exhaustive_loss": _finite(c.exhaustive_loss)} for c in cells]

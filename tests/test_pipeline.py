@@ -57,6 +57,19 @@ def test_smoke_pipeline_runs_then_skips(tmp_path):
     assert metrics["n_questions"] == 24 and set(metrics["accuracy"]) == {"smollm2-135m-instruct", "gemma3-270m"}
     for fig in ("base_models_subject_accuracy.png", "base_models_letter_bias.png"):
         assert (tmp_path / "figures" / fig).stat().st_size > 10_000
+    art = tmp_path / "artifacts"
+    experts = json.loads((art / "experts" / "experts.json").read_text())
+    assert [e["name"] for e in experts] == ["expert0", "expert3"] and all(e["adapter"] for e in experts)
+    profiles = json.loads((art / "profiles" / "profiles.json").read_text())
+    assert set(profiles["modes"]) == {"measured", "paper-testbed"}
+    gating = json.loads((art / "gating" / "metrics.json").read_text())
+    assert set(gating["accuracy"]) >= {"single_agent", "average_expert", "majority_voting", "best_expert",
+                                       "router_top1", "moe2", "moe2_topk", "oracle"}
+    assert all(0 <= v <= 1 for v in gating["accuracy"].values())
+    assert len(list((art / "tables").glob("*.csv"))) == 6 and (art / "tables" / "tables.md").exists()
+    assert (art / "fusion" / "trace.json").exists()
+    for stage in pipeline.STAGES:
+        assert artifacts.read_meta(art / stage)["pipeline"]["profile"] == "smoke"
     again = pipeline.reproduce("smoke", out=tmp_path, log=logs.append)
     assert set(again.values()) == {"skipped"}
 

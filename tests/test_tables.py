@@ -98,3 +98,16 @@ def test_load_splits_joins_by_qid_and_names_bad_files(tmp_path):
     artifacts.write_npz(tmp_path / "gate.npz", qid=np.array(["zz"] * n), gate=gate, train=np.ones(n, bool))
     with pytest.raises(InputError, match="gate.npz"):
         tables.load_splits(tmp_path / "scores.npz", tmp_path / "gate.npz")
+
+
+def test_cell_records_are_json_and_the_heatmap_draws(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from moe2lib import artifacts
+
+    table, cells = tables.testbed_table(TRAIN, TEST, DELAY, ENERGY, math.inf, [1.0, 25.0], n_random=3)
+    records = tables.cell_records(cells, ["a", "b", "c"])
+    assert records[0]["accuracy"]["MoE2"] is None and records[1]["subset"] == ["a", "b", "c"]
+    artifacts.write_json(tmp_path / "m.json", {"t": {"delay_budget_s": None, "cells": records}})
+    fig = tables.heatmap_figure({"t": {"delay_budget_s": None, "cells": records}}, ["a", "b", "c"])
+    assert len(fig.axes) == 1
