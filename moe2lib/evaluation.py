@@ -7,7 +7,7 @@ paired, seeded bootstrap interval from the same resampled prompts.
 
 Methods (keys of :data:`METHODS`):
 
-* ``single_agent`` — a base model, un-tuned (the better of the base models on the test split);
+* ``single_agent`` — a base model, un-tuned (the better of the base models on the *training* split);
 * ``average_expert`` — A.E.A., the mean accuracy of the fine-tuned experts;
 * ``majority_voting`` — M.V.: every expert votes its argmax letter, equal weights; ties go to the
   letter with the larger summed probability among the voters, then to the earlier letter;
@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import gating
+from . import gating, smo
 from .errors import InputError
 
 METHODS = ("single_agent", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
@@ -98,11 +98,13 @@ def best_expert(probs, answer) -> int:
 
 
 def correctness(probs, answer, gate, *, best: int, top_k: int, base_probs=None,
-                base_names: Sequence[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                base_names: Sequence[str] | None = None,
+                best_base: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-prompt correctness of every method on one split → (methods {key: (N,)}, base models {name: (N,)}).
 
     ``base_probs`` [N, B, C] are the un-tuned base models on the same prompts, same order (None: no
-    single-agent baseline); ``single_agent`` is the better of them on this split.
+    single-agent baseline); ``single_agent`` is base model ``best_base``, chosen like ``best`` on the
+    training split (:func:`best_expert` of the base models' training scores).
     """
     probs = np.asarray(probs, dtype=np.float64)
     answer = np.asarray(answer)
@@ -118,9 +120,8 @@ def correctness(probs, answer, gate, *, best: int, top_k: int, base_probs=None,
         "majority_voting": (majority_vote(probs) == answer).astype(float),
         "best_expert": right[:, best],
         "router_top1": right[np.arange(n), gate.argmax(1)],
-        "moe2": (gating.fuse(gate, probs).argmax(-1) == answer).astype(float),
-        "moe2_topk": (gating.fuse(gating.subset_weights(gate, gating.topk_mask(gate, np.ones(k, bool), top_k)),
-                                  probs).argmax(-1) == answer).astype(float),
+        "moe2": (gating.fused_answer(gate, probs) == answer).astype(float),
+        "moe2_topk": (gating.fused_answer(gate, probs, top_k=top_k) == answer).astype(float),
         "oracle": right.max(1),
     }
     singles = {}
@@ -132,7 +133,10 @@ def correctness(probs, answer, gate, *, best: int, top_k: int, base_probs=None,
         names = list(base_names) if base_names is not None else [f"base{i}" for i in range(base_probs.shape[1])]
         base_right = correct_matrix(base_probs, answer)
         singles = {str(nm): base_right[:, i] for i, nm in enumerate(names)}
-        out["single_agent"] = base_right[:, int(np.argmax(base_right.mean(0)))]
+        if not 0 <= best_base < base_probs.shape[1]:
+            raise InputError(f"must index one of the {base_probs.shape[1]} base models, got {best_base}",
+                             param="best_base")
+        out["single_agent"] = base_right[:, best_base]
     return {m: out[m] for m in METHODS if m in out}, singles
 
 
@@ -247,7 +251,7 @@ def theorem1_check(make_network: Callable[[], "gating.GatingNetwork"], train, te
 
 def all_masks(k: int) -> np.ndarray:
     """Every subset of K experts, row i = the bits of i → (2^K, K) bool."""
-    return ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1).astype(bool)
+    return smo.int_to_masks(np.arange(2 ** k), k)
 
 
 def theorem2_check(gate, probs, answer, *, n_chains: int = 20, seed: int = 0, tol: float = 1e-9,

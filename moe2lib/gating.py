@@ -27,7 +27,7 @@ from . import artifacts
 from .errors import InputError
 
 __all__ = ["PROB_FLOOR", "GatingNetwork", "subset_weights", "topk_mask", "fuse", "subset_loss",
-           "subset_accuracy", "correct_probs", "check_inputs", "synthetic_experts"]
+           "subset_accuracy", "fused_answer", "correct_probs", "check_inputs", "synthetic_experts"]
 
 PROB_FLOOR = 1e-8
 FORMAT = "moe2-gating/1"
@@ -84,9 +84,7 @@ def topk_mask(gate, subset_mask, k: int) -> np.ndarray:
         raise InputError(f"must be a positive integer, got {k}", param="k")
     gate = np.atleast_2d(_as_gate(gate))
     mask = np.broadcast_to(_as_mask(subset_mask, gate.shape[-1], "subset_mask"), gate.shape)
-    order = np.argsort(np.where(mask, -gate, np.inf), axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(gate.shape[-1])[None].repeat(gate.shape[0], 0), axis=-1)
+    rank = np.argsort(np.where(mask, -gate, np.inf), axis=-1, kind="stable").argsort(-1)
     return mask & (rank < k)
 
 
@@ -97,6 +95,16 @@ def fuse(weights, probs) -> np.ndarray:
     if probs.ndim != 3 or weights.shape[-2:] != probs.shape[:2]:
         raise InputError(f"weights {weights.shape} must end in (N, K) of probs {probs.shape}", param="weights")
     return np.einsum("...nk,nkc->...nc", weights, probs)
+
+
+def fused_answer(gate, probs, mask=None, top_k: int | None = None) -> np.ndarray:
+    """Alg. 3's answer per prompt: subset ``mask`` (default all K), its Top-k by gating value if ``top_k``,
+    weights (2)/(28), fused (3)/(29), argmax letter → (N,)."""
+    gate = np.atleast_2d(_as_gate(gate))
+    mask = np.ones(gate.shape[-1], bool) if mask is None else _as_mask(mask, gate.shape[-1])
+    if top_k is not None:
+        mask = topk_mask(gate, mask, top_k)
+    return fuse(subset_weights(gate, mask), probs).argmax(-1)
 
 
 def correct_probs(probs, answer) -> np.ndarray:
@@ -393,10 +401,7 @@ class GatingNetwork:
         probs = np.asarray(probs)
         if probs.ndim != 3 or probs.shape[:2] != gate.shape:
             raise InputError(f"probs {probs.shape} must be (N, K, C) with (N, K) = {gate.shape}", param="probs")
-        mask = np.ones(gate.shape[1], bool) if mask is None else _as_mask(mask, gate.shape[1])
-        if top_k is not None:
-            mask = topk_mask(gate, mask, top_k)
-        return fuse(subset_weights(gate, mask), probs).argmax(-1)
+        return fused_answer(gate, probs, mask, top_k)
 
     def loss(self, X, probs, answer, mask=None) -> float:
         """Mean fused NLL of the correct answer over subset ``mask`` (default all K)."""

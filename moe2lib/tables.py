@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from . import gating, smo
-from .evaluation import majority_vote
+from .evaluation import align_rows, majority_vote
 from .errors import InputError
 
 PAPER_ENERGY_BUDGETS = (5.0, 10.0, 15.0, 20.0, 25.0, 35.0, 50.0)  # J per prompt, Tables II–IV
@@ -52,10 +52,7 @@ class Split:
 
 def moe2_answers(split: Split, mask, top_k: int | None) -> np.ndarray:
     """Alg. 3 on each prompt: Top-k of ``mask`` by gating value, renormalised weights, fused argmax."""
-    mask = np.asarray(mask, dtype=bool)
-    chosen = mask if top_k is None else gating.topk_mask(split.gate, mask, top_k)
-    weights = gating.subset_weights(split.gate, chosen)
-    return gating.fuse(weights, split.probs).argmax(-1)
+    return gating.fused_answer(split.gate, split.probs, mask, top_k)
 
 
 def random_feasible_subset(delay, energy, delay_budget, energy_budget, rng) -> np.ndarray:
@@ -111,11 +108,31 @@ def budget_cell(train: Split, test: Split, delay, energy, delay_budget: float, e
                       float(np.std(rand)) if rand else math.nan, r.evaluations, r.elapsed_s, r.loss, exhaustive)
 
 
+class _TableSplit(Split):
+    """A Split whose loss is looked up in a precomputed table of all 2^K subsets (K <= 16)."""
+
+    def loss(self, masks) -> np.ndarray:
+        masks = np.atleast_2d(np.asarray(masks, dtype=bool))
+        return self._table[masks.astype(np.int64) @ (1 << np.arange(masks.shape[1]))]
+
+
+def _with_table_loss(split: Split, K: int) -> Split:
+    """The subset losses do not depend on the budgets: for small K compute all of them once per table."""
+    if K > 16 or isinstance(split, _TableSplit):
+        return split
+    fast = _TableSplit(split.gate, split.probs, split.answer)
+    table = np.full(1 << K, np.inf)
+    table[1:] = split.loss(smo.int_to_masks(np.arange(1, 1 << K), K))
+    object.__setattr__(fast, "_table", table)
+    return fast
+
+
 def testbed_table(train: Split, test: Split, delay, energy, delay_budget: float,
                   energy_budgets: Sequence[float], **options):
     """One paper table: rows are the methods, columns the energy budgets; also the cells themselves."""
     import pandas as pd
 
+    train = _with_table_loss(train, np.size(delay))
     cells = [budget_cell(train, test, delay, energy, delay_budget, e, **options) for e in energy_budgets]
     table = pd.DataFrame({f"{c.energy_budget:g}": [100 * c.accuracy[m] for m in METHODS] for c in cells},
                          index=list(METHODS))
@@ -178,15 +195,10 @@ def load_splits(scores_path, gate_path) -> tuple[Split, Split, list[str]]:
     for key in ("qid", "gate", "train"):
         if key not in g:
             raise InputError(f"lacks {key!r}", path=gate_path, param=key)
-    index = {q: i for i, q in enumerate(scores.qid.tolist())}
-    missing = [q for q in g["qid"].tolist() if q not in index]
-    if missing:
-        raise InputError(f"{len(missing)} gated prompts are not in {scores_path} (first: {missing[0]})",
-                         path=gate_path, param="qid")
     if g["gate"].shape != (g["qid"].size, scores.probs.shape[1]):
         raise InputError(f"gate has shape {g['gate'].shape}, expected ({g['qid'].size}, {scores.probs.shape[1]})",
                          path=gate_path, param="gate")
-    rows = np.array([index[q] for q in g["qid"].tolist()])
+    rows = align_rows(g["qid"], scores.qid, path=gate_path)
     train = g["train"].astype(bool)
     split = lambda sel: Split(g["gate"][sel], scores.probs[rows[sel]], scores.answer[rows[sel]])  # noqa: E731
     return split(train), split(~train), [str(e) for e in scores.experts]
@@ -207,11 +219,12 @@ def heatmap_figure(results: dict, experts: Sequence[str]):
         cells = results[name]["cells"]
         acc = 100 * np.array([[c["accuracy"][m] for c in cells] for m in METHODS], dtype=float)  # None -> nan
         ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
+        mid = np.nanmean(acc) if np.isfinite(acc).any() else 0.0
         ax.set_yticks(range(len(METHODS)), METHODS)
         ax.set_xticks(range(len(cells)), [f"{c['energy_budget_j']:.3g}" for c in cells])
         for (i, j), v in np.ndenumerate(acc):
             ax.text(j, i, "—" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
-                    color="white" if np.isnan(v) or v < np.nanmean(acc) else "black", fontsize=8)
+                    color="white" if np.isnan(v) or v < mid else "black", fontsize=8)
         d = results[name]["delay_budget_s"]
         ax.set_title(f"{name} (delay budget {'none' if d is None else f'{d:.3g} s'})", fontsize=9)
     axes[-1, 0].set_xlabel("energy budget per prompt (J)")

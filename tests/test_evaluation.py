@@ -177,3 +177,16 @@ def test_train_test_split_is_stratified_and_refuses_an_empty_side():
     assert err.value.param == "train_fraction"
     with pytest.raises(InputError):
         evaluation.train_test_split(qs, 1.0, seed=0)
+
+
+def test_single_agent_is_the_base_model_chosen_on_train():
+    answer = np.zeros(4, int)
+    probs = np.stack([_onehot([0, 0, 0, 0]), _onehot([1, 1, 1, 1])], axis=1)
+    gate = np.full((4, 2), 0.5)
+    base = np.stack([_onehot([1, 1, 1, 1]), _onehot([0, 0, 0, 0])], axis=1)  # base 1 is right on test
+    methods, _ = evaluation.correctness(probs, answer, gate, best=0, top_k=1, base_probs=base, best_base=0)
+    assert methods["single_agent"].mean() == 0.0  # base 0 was chosen on train: its test score is reported
+    methods, _ = evaluation.correctness(probs, answer, gate, best=0, top_k=1, base_probs=base, best_base=1)
+    assert methods["single_agent"].mean() == 1.0
+    with pytest.raises(InputError, match="best_base"):
+        evaluation.correctness(probs, answer, gate, best=0, top_k=1, base_probs=base, best_base=2)

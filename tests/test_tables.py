@@ -111,3 +111,10 @@ def test_cell_records_are_json_and_the_heatmap_draws(tmp_path):
     artifacts.write_json(tmp_path / "m.json", {"t": {"delay_budget_s": None, "cells": records}})
     fig = tables.heatmap_figure({"t": {"delay_budget_s": None, "cells": records}}, ["a", "b", "c"])
     assert len(fig.axes) == 1
+
+
+def test_table_loss_lookup_equals_the_direct_loss():
+    fast = tables._with_table_loss(TRAIN, 3)
+    masks = smo.int_to_masks(np.arange(1, 8), 3)
+    assert np.allclose(fast.loss(masks), TRAIN.loss(masks))
+    assert fast.loss(np.zeros((1, 3), bool))[0] == np.inf
