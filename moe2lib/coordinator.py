@@ -533,7 +533,9 @@ def clients_from_urls(urls: str | Sequence[str], api: str = "openai") -> list[Ex
         raise InputError("give at least one expert URL", param="experts")
     out = []
     for u in items:
-        name, _, url = u.rpartition("=") if "=" in u and not u.startswith("http") else (None, "", u)
+        name, sep, url = u.partition("=")
+        if not sep or "://" in name:  # a bare URL (which may itself contain "=")
+            name, url = None, u
         out.append(ExpertClient(url, name or None, api))
     return out
 
@@ -565,6 +567,7 @@ def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: st
     """FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` optional)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
 
     app = FastAPI(title="MoE2 coordinator", version="1")
     busy = {"n": 0}
@@ -585,6 +588,8 @@ def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: st
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise InputError("stop must be a string or a list of strings", param="stop")
         seed = body.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise InputError("seed must be an integer >= 0", param="seed")
         return dict(max_tokens=n, temperature=float(t), seed=seed, stop=stop)
 
     async def handle(request: Request, chat: bool):
@@ -622,9 +627,16 @@ def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: st
                     "selected": gen.selected, "dropped": gen.dropped,
                     "steps": [{"text": s.text, "experts": s.experts, "weights": s.weights} for s in gen.steps]}
 
+        busy["n"] += 1  # counted now, so concurrent streaming requests see each other
         if body.get("stream"):
+            started = []
+
+            def release_if_unstarted():  # a stream that never ran never reaches its finally
+                if not started:
+                    busy["n"] -= 1
+
             async def events():
-                busy["n"] += 1
+                started.append(True)
                 out: dict = {}
                 try:
                     async for s in coordinator.astream(prompt, result=out, **opts):
@@ -636,14 +648,14 @@ def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: st
                     last = {"id": cid, "object": kind + (".chunk" if chat else ""), "created": created,
                             "model": model_name, "choices": [choice("", gen.finish_reason, True)], "moe2": info(gen)}
                     yield f"data: {json.dumps(last)}\n\n"
-                except (AllExpertsFailed, InputError) as exc:
-                    yield f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n"
+                except Exception as exc:  # noqa: BLE001 - the stream must end with an error event, not a cut
+                    yield f"data: {json.dumps({'error': {'message': f'{type(exc).__name__}: {exc}'}})}\n\n"
                 finally:
                     busy["n"] -= 1
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     background=BackgroundTask(release_if_unstarted))
 
-        busy["n"] += 1
         try:
             gen = await coordinator.agenerate(prompt, **opts)
         except AllExpertsFailed as exc:

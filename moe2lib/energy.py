@@ -41,8 +41,8 @@ class EnergyMeter:
     def begin(self, key: str) -> None:
         if key in self._open:
             raise InputError(f"energy window {key!r} is already open", param="key")
+        self._begin(key)  # first: a meter that fails to start leaves no window open
         self._open[key] = time.perf_counter()
-        self._begin(key)
 
     def end(self, key: str) -> Reading:
         if key not in self._open:

@@ -215,7 +215,7 @@ def heldout_errors(records, cost: ModelCost, device: devices.Device) -> np.ndarr
     errs = []
     for held in np.unique(L):
         train = L != held
-        if len(np.unique(L[train])) < 1 or not {"prefill", "decode"} <= set(kind[train].tolist()):
+        if len(np.unique(L[train])) < 2 or not {"prefill", "decode"} <= set(kind[train].tolist()):
             continue
         m = RooflineModel(cost, device.peak_flops, device.bandwidth).fit(kind[train], L[train], s[train])
         errs.extend(np.abs(m.predict(kind[~train], L[~train]) / s[~train] - 1))
@@ -387,6 +387,8 @@ def expert_profile_measured(spec, records, cost: ModelCost, device: devices.Devi
     busy = np.concatenate([pre, dec])
     power = float(energy.sum() / busy.sum())
     source = records[0]["energy_source"]
+    if source.startswith("measured:"):  # the per-class figures are modelled busy time x the measured mean power
+        source = f"estimated:fitted_busy_time*measured_power({source})"
     return {
         "device": device.name, "base_model": spec.model, "adapter": spec.adapter, "measured_as": measured_as,
         "source": f"measured:{device.name}", "model": cost.to_dict(),

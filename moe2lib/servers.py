@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +32,7 @@ from . import models
 from .errors import InputError, ResourceUnavailable
 
 HOST = "127.0.0.1"
-_LIVE: "weakref.WeakSet[ExpertServer]" = weakref.WeakSet()
+_LIVE: "set[ExpertServer]" = set()  # strong references: an unreferenced server must still be stopped at exit
 
 
 def free_port(host: str = HOST) -> int:

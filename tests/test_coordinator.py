@@ -354,3 +354,11 @@ def test_gating_network_weights_the_experts(pool, tmp_path):
     names = ["smol", "smol-b", "gemma"]
     assert gen.selected == [names[i] for i in sorted(keep)]
     assert gen.steps[0].weights == pytest.approx({names[i]: g[i] / g[keep].sum() for i in keep})
+
+
+def test_expert_urls_with_and_without_names():
+    from moe2lib.coordinator import clients_from_urls
+
+    a, b, c = clients_from_urls("e0=http://127.0.0.1:1/v1?x=1,http://127.0.0.1:2/?y=2,e2=http://h:3")
+    assert (a.name, a.url.rstrip("/")) == ("e0", "http://127.0.0.1:1/v1?x=1")
+    assert b.url.rstrip("/") == "http://127.0.0.1:2/?y=2" and c.name == "e2"

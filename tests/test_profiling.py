@@ -184,3 +184,21 @@ def test_build_profiles_paper_testbed_uses_registry_devices_and_names_bad_input(
                                  modes=("paper-testbed",), progress=False, log=lambda *a: None)
     with pytest.raises(InputError, match="'simulated'"):
         profiling.build_profiles(specs, prompts, [], modes=("simulated",), progress=False)
+
+
+def test_modelled_energy_of_a_metered_expert_is_labelled_estimated():
+    from moe2lib import devices
+    from moe2lib.experts import ExpertSpec
+
+    F, B, c = 5e10, 1e10, 2e-3
+    kind, L, t, _ = synthetic(F, B, c)
+    n = len(L) // 2
+    records = [dict(prompt_tokens=int(L[i]), repetition=0, prefill_s=float(t[i]), decode_s=float(t[n + i]),
+                    prefill_j=30 * float(t[i]), decode_j=30 * float(t[n + i]), energy_source="measured:zeus(gpu0)")
+               for i in range(n)]
+    entry = profiling.expert_profile_measured(ExpertSpec("e", "toy"), records, COST, devices.get("rtx4090"),
+                                              np.array([40, 100, 200]), np.array([160, 400, 800]),
+                                              report_tokens=[1], measured_as="e")
+    assert entry["power_w"] == pytest.approx(30.0)
+    assert all(c["energy_source"] == "estimated:fitted_busy_time*measured_power(measured:zeus(gpu0))"
+               for c in entry["classes"].values())
