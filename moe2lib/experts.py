@@ -70,6 +70,11 @@ class Expert:
         base = models.display_name(self.model)
         return base if not self.adapter else f"{base}+{Path(self.adapter).stem}"
 
+    def identity(self) -> dict:
+        """What decides this expert's answers: backend, model, weight format and the adapter's bytes."""
+        return {"backend": self.backend, "model": self.model, "weights": getattr(self, "weights", None),
+                "adapter": None if self.adapter is None else artifacts.file_sha256(self.adapter)}
+
     def _bos(self) -> bool:
         return gguf_add_bos(models.locate(self.model, "llm")) if self.add_bos is None else self.add_bos
 
@@ -151,7 +156,8 @@ class LlamaCppExpert(Expert):
                 else models.requantized(self.model, self.weights))
         if self.adapter is not None:
             from .lora import check_adapter
-            check_adapter(self.adapter, path)  # llama.cpp would fail vaguely or crash on a misfit
+            # llama.cpp would fail vaguely or crash on a misfit; a re-encoded file has the packaged one's shapes
+            check_adapter(self.adapter, models.locate(self.model, "llm"))
         threads = self.n_threads or os.cpu_count()
         try:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=512,
@@ -160,7 +166,8 @@ class LlamaCppExpert(Expert):
         except ValueError as exc:
             where = self.adapter if self.adapter and "LoRA" in str(exc) else path
             raise InputError(f"llama.cpp could not load it ({exc})", path=where) from None
-        self._bos_id = llm.token_bos() if self._bos() else None
+        adds_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false").lower() == "true"
+        self._bos_id = llm.token_bos() if (adds_bos if self.add_bos is None else self.add_bos) else None
         self._letters = {}
         self._llm = llm
         return llm

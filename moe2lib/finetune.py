@@ -146,6 +146,7 @@ class LoraFineTuner:
     def fingerprint(self, questions: Sequence[Question]) -> str:
         """What a finished folder must match to be reused: parameters and the training questions."""
         return artifacts.digest({"params": self.get_params(), "questions": [q.source for q in questions],
+                                 "prompts": [format_prompt(q) for q in questions],
                                  "answers": [q.answer for q in questions]})
 
     def fit(self, questions: Sequence[Question], out_dir=None):

@@ -101,7 +101,8 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
         raise InputError(f"expert names must be unique, got {labels}", param="experts")
     n, k = len(questions), len(experts)
     partial = out_path.with_name(out_path.name + ".partial")
-    key = artifacts.digest({"qid": [q.source for q in questions], "prompts": prompts, "experts": labels})
+    key = artifacts.digest({"qid": [q.source for q in questions], "prompts": prompts, "experts": labels,
+                            "identity": [e.identity() for e in experts]})  # a retrained adapter is new work
     manifest = partial / "manifest.json"
     if partial.exists() and (not manifest.exists() or artifacts.read_json(manifest).get("key") != key):
         shutil.rmtree(partial)

@@ -62,6 +62,22 @@ def test_changed_questions_do_not_reuse_a_stale_partial(tmp_path):
     assert e.prompts_seen == 32
 
 
+def test_a_retrained_adapter_does_not_reuse_a_stale_partial(tmp_path):
+    qs = _questions()
+    out = tmp_path / "s.npz"
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"first training")
+    first = HashExpert("a", stop_after=16)
+    first.adapter = str(adapter)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.score_questions(qs, [first], out, chunk=8, progress=False)
+    adapter.write_bytes(b"second training")  # same name and path, new weights
+    again = HashExpert("a")
+    again.adapter = str(adapter)
+    scoring.score_questions(qs, [again], out, chunk=8, progress=False)
+    assert again.prompts_seen == 40
+
+
 def _scores(**over):
     probs = np.full((3, 2, 4), 0.25, dtype=np.float32)
     base = dict(probs=probs, answer=np.array([0, 1, 2]), subject=np.array(["a", "a", "b"]),
