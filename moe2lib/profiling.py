@@ -669,8 +669,9 @@ def fit_figure(doc: Mapping, mode: str = "measured"):
         for a, kind, key in ((0, "prefill", "prefill_s"), (1, "decode", "decode_s")):
             y = np.array([r[key] for r in recs])
             p = model.predict(np.full(L.shape, kind), L)
+            err = e["fit"]["heldout_median_rel_error"]  # None: too few prompt lengths to hold one out
             axes[a].scatter(p, y, s=14, color=f"C{i}", zorder=3, label=f"{e['base_model']} (held-out median error "
-                            f"{100 * e['fit']['heldout_median_rel_error']:.0f}%)")
+                            + ("n/a)" if err is None else f"{100 * err:.0f}%)"))
             span[a] = [min(span[a][0], p.min(), y.min()), max(span[a][1], p.max(), y.max())]
     for a, title in enumerate(("prompt step (time to first token)", "answer step (s per token)")):
         ax = axes[a]

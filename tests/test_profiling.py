@@ -202,3 +202,19 @@ def test_modelled_energy_of_a_metered_expert_is_labelled_estimated():
     assert entry["power_w"] == pytest.approx(30.0)
     assert all(c["energy_source"] == "estimated:fitted_busy_time*measured_power(measured:zeus(gpu0))"
                for c in entry["classes"].values())
+
+
+def test_fit_figure_draws_without_a_held_out_error():
+    import matplotlib
+    matplotlib.use("Agg")
+    from moe2lib import devices
+    from moe2lib.experts import ExpertSpec
+
+    kind, L, t, _ = synthetic(5e10, 1e10, 2e-3, lengths=(16, 64))
+    records = [dict(prompt_tokens=int(L[i]), repetition=0, prefill_s=float(t[i]), decode_s=float(t[2 + i]),
+                    prefill_j=0.0, decode_j=0.0, energy_source="estimated:test") for i in range(2)]
+    entry = profiling.expert_profile_measured(ExpertSpec("e", "toy"), records, COST, devices.get("rtx4090"),
+                                              np.array([40]), np.array([160]), report_tokens=[1], measured_as="e")
+    assert entry["fit"]["heldout_median_rel_error"] is None  # two lengths: none can be held out
+    fig = profiling.fit_figure({"modes": {"measured": {"e": entry}}}, "measured")
+    assert "n/a" in fig.axes[0].get_legend_handles_labels()[1][0]
