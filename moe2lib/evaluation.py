@@ -27,6 +27,7 @@ import numpy as np
 
 from . import gating, smo
 from .errors import InputError
+from .scoring import align_rows, correct_matrix  # noqa: F401 - part of this module's API
 
 METHODS = ("single_agent", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
            "moe2_topk", "oracle")
@@ -52,16 +53,6 @@ def train_test_split(questions, train_fraction: float, seed: int):
     return train, test
 
 
-def align_rows(qid, other_qid, *, path=None, param: str = "qid") -> np.ndarray:
-    """Row of ``other_qid`` holding each of ``qid`` (a join on qid); InputError naming the first one missing."""
-    index = {q: i for i, q in enumerate(np.asarray(other_qid).astype(str).tolist())}
-    qid = np.asarray(qid).astype(str).tolist()
-    missing = [q for q in qid if q not in index]
-    if missing:
-        raise InputError(f"{len(missing)} prompts are missing (first: {missing[0]!r})", path=path, param=param)
-    return np.array([index[q] for q in qid], dtype=np.int64)
-
-
 def align_scores(qid, scores, *, answer=None, path=None):
     """``scores`` (a :class:`~moe2lib.scoring.Scores`) reordered to ``qid``; with ``answer``, the answers must agree."""
     aligned = scores.subset(align_rows(qid, scores.qid, path=path))
@@ -71,11 +62,6 @@ def align_scores(qid, scores, *, answer=None, path=None):
             raise InputError(f"{bad.size} answers disagree with the questions (first: {aligned.qid[bad[0]]!r})",
                              path=path, param="answer")
     return aligned
-
-
-def correct_matrix(probs, answer) -> np.ndarray:
-    """1.0 where expert k's argmax letter is right → (N, K)."""
-    return (np.asarray(probs).argmax(-1) == np.asarray(answer)[:, None]).astype(np.float64)
 
 
 def majority_vote(probs, mask=None) -> np.ndarray:

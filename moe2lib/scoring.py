@@ -21,6 +21,21 @@ from .data import DEFAULT_TEMPLATE, Question, format_prompt
 from .errors import InputError
 
 
+def correct_matrix(probs, answer) -> np.ndarray:
+    """1.0 where expert k's argmax letter is right → (N, K)."""
+    return (np.asarray(probs).argmax(-1) == np.asarray(answer)[:, None]).astype(np.float64)
+
+
+def align_rows(qid, other_qid, *, path=None, param: str = "qid", hint: str = "") -> np.ndarray:
+    """Row of ``other_qid`` holding each of ``qid`` (a join on qid); InputError naming the first one missing."""
+    index = {q: i for i, q in enumerate(np.asarray(other_qid).astype(str).tolist())}
+    qid = np.asarray(qid).astype(str).tolist()
+    missing = [q for q in qid if q not in index]
+    if missing:
+        raise InputError(f"{len(missing)} missing (first: {missing[0]!r}){hint}", path=path, param=param)
+    return np.array([index[q] for q in qid], dtype=np.int64)
+
+
 @dataclass
 class Scores:
     probs: np.ndarray
@@ -36,7 +51,7 @@ class Scores:
 
     def accuracy(self) -> np.ndarray:
         """Accuracy of each expert (argmax letter), shape (K,)."""
-        return (self.probs.argmax(-1) == self.answer[:, None]).mean(0)
+        return correct_matrix(self.probs, self.answer).mean(0)
 
     def subset(self, rows) -> "Scores":
         rows = np.asarray(rows)
@@ -149,7 +164,7 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
 def subject_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-subject accuracy of each expert: (subjects[S], accuracy[K, S], questions per subject[S])."""
     subjects, inverse, counts = np.unique(scores.subject, return_inverse=True, return_counts=True)
-    correct = (scores.probs.argmax(-1) == scores.answer[:, None]).astype(np.float64)
+    correct = correct_matrix(scores.probs, scores.answer)
     sums = np.zeros((len(subjects), correct.shape[1]))
     np.add.at(sums, inverse, correct)
     return subjects, (sums / counts[:, None]).T, counts
@@ -168,15 +183,13 @@ def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
 
 def align(scores: Scores, qid, path=None) -> Scores:
     """``scores`` with its rows reordered to ``qid``; the two must hold the same questions (else InputError)."""
-    qid = np.asarray(qid)
-    pos = {q: i for i, q in enumerate(scores.qid.tolist())}
-    missing = [q for q in qid.tolist() if q not in pos]
-    if missing or len(qid) != scores.n or len(set(qid.tolist())) != len(qid):
-        extra = sorted(set(pos) - set(qid.tolist()))
-        raise InputError(f"question ids do not match: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(extra)} extra (e.g. {extra[:3]}); score both on the same MMLU sample",
-                         path=path, param="qid")
-    return scores.subset([pos[q] for q in qid.tolist()])
+    qid = np.asarray(qid).astype(str)
+    rows = align_rows(qid, scores.qid, path=path, hint="; score both on the same MMLU sample")
+    extra = sorted(set(scores.qid.astype(str).tolist()) - set(qid.tolist()))
+    if extra or len(set(qid.tolist())) != len(qid):
+        raise InputError(f"question ids do not match: {len(extra)} extra (e.g. {extra[:3]}) or repeated; "
+                         "score both on the same MMLU sample", path=path, param="qid")
+    return scores.subset(rows)
 
 
 def concat_experts(*parts: Scores) -> Scores:
@@ -191,12 +204,9 @@ def concat_experts(*parts: Scores) -> Scores:
 
 def lookup_clusters(qid, cluster_qid, cluster, path=None) -> np.ndarray:
     """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's mmlu_* arrays."""
-    table = dict(zip(np.asarray(cluster_qid).tolist(), np.asarray(cluster).tolist()))
-    missing = [q for q in np.asarray(qid).tolist() if q not in table]
-    if missing:
-        raise InputError(f"{len(missing)} questions have no cluster (e.g. {missing[:3]}); rerun the clustering "
-                         "stage with these questions", path=path, param="mmlu_qid")
-    return np.array([table[q] for q in np.asarray(qid).tolist()], dtype=np.int64)
+    rows = align_rows(qid, cluster_qid, path=path, param="mmlu_qid",
+                      hint=" have no cluster; rerun the clustering stage with these questions")
+    return np.asarray(cluster, dtype=np.int64)[rows]
 
 
 def cluster_accuracy(scores: Scores, clusters, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +216,7 @@ def cluster_accuracy(scores: Scores, clusters, k: int) -> tuple[np.ndarray, np.n
         raise InputError(f"clusters has shape {clusters.shape}, expected ({scores.n},)", param="clusters")
     if scores.n and (clusters.min() < 0 or clusters.max() >= k):
         raise InputError(f"cluster ids must be in 0..{k - 1}", param="clusters")
-    correct = (scores.probs.argmax(-1) == scores.answer[:, None]).astype(np.float64)
+    correct = correct_matrix(scores.probs, scores.answer)
     counts = np.bincount(clusters, minlength=k)
     sums = np.zeros((k, correct.shape[1]))
     np.add.at(sums, clusters, correct)
@@ -221,7 +231,7 @@ def own_cluster_accuracy(scores: Scores, clusters, expert_cluster) -> tuple[np.n
     ``expert_cluster[j]`` is expert j's cluster (None or -1: none, giving NaN); an empty side gives NaN.
     """
     clusters = np.asarray(clusters, dtype=np.int64)
-    correct = scores.probs.argmax(-1) == scores.answer[:, None]
+    correct = correct_matrix(scores.probs, scores.answer)
     own = np.full(len(scores.experts), np.nan)
     other = np.full(len(scores.experts), np.nan)
     for j, c in enumerate(expert_cluster):
