@@ -94,7 +94,7 @@ class LoraFineTuner:
         return model, tok
 
     def encode(self, tokenizer, questions: Sequence[Question]) -> list[tuple[list[int], int]]:
-        """(prompt ids, letter id) per question, tokenised as the experts score them, cut to ``cutoff_len``."""
+        """(prompt ids, letter id) per question, tokenised exactly as the experts score them (never cut)."""
         from .experts import _letter_ids, gguf_add_bos
 
         bos = tokenizer.bos_token_id if gguf_add_bos(models.locate(self.base_model, "llm")) else None
@@ -103,10 +103,13 @@ class LoraFineTuner:
         out = []
         for q in questions:
             ids = tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"]
-            head = [bos] if bos is not None else []
-            keep = self.cutoff_len - len(head)
-            out.append((head + ids[max(0, len(ids) - keep):], letters[q.answer]))
+            out.append(([bos] + ids if bos is not None else ids, letters[q.answer]))
         return out
+
+    def within_cutoff(self, examples) -> np.ndarray:
+        """Indices of the examples whose prompt fits ``cutoff_len``; longer ones are dropped, not cut,
+        because a cut prompt (its passage gone) is not what the expert is later asked."""
+        return np.flatnonzero([len(ids) <= self.cutoff_len for ids, _ in examples])
 
     @staticmethod
     def collate(examples, pad_id: int):
@@ -172,7 +175,7 @@ class LoraFineTuner:
                 shutil.rmtree(stale, ignore_errors=True)
         self._train(questions)
         if out_dir is not None:
-            self._save(out_dir, key, len(questions))
+            self._save(out_dir, key)
         return self
 
     def _train(self, questions):
@@ -191,6 +194,12 @@ class LoraFineTuner:
         model = get_peft_model(base, config)
         model.train()
         examples = self.encode(tok, questions)
+        keep = self.within_cutoff(examples)
+        if not len(keep):
+            raise InputError(f"all {len(examples)} training prompts are longer than cutoff_len={self.cutoff_len} "
+                             "tokens", param="cutoff_len")
+        self.n_over_cutoff_ = len(examples) - len(keep)
+        examples = [examples[i] for i in keep]
         lengths = np.array([len(ids) for ids, _ in examples])
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         epochs = [self._order(lengths, rng) for _ in range(self.epochs)]
@@ -230,7 +239,7 @@ class LoraFineTuner:
         self.model_ = model
         self.tokenizer_ = tok
         self.history_ = history
-        self.n_train_ = len(questions)
+        self.n_train_ = len(examples)
         tail = history[-max(1, len(history) // 10):]
         self.final_loss_ = float(np.mean([h["loss"] for h in tail]))
         self.wall_time_s_ = time.time() - t0
@@ -242,7 +251,7 @@ class LoraFineTuner:
         start = i - i % self.grad_accum
         return range(start, min(start + self.grad_accum, n))
 
-    def _save(self, out_dir: Path, key: str, n_train: int):
+    def _save(self, out_dir: Path, key: str):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         try:
@@ -250,7 +259,8 @@ class LoraFineTuner:
             tokens_per_s = [h["tokens_per_s"] for h in self.history_]
             artifacts.write_json(tmp / "history.json", self.history_)
             artifacts.write_json(tmp / DONE, {
-                "fingerprint": key, "params": self.get_params(), "n_train": n_train,
+                "fingerprint": key, "params": self.get_params(), "n_train": self.n_train_,
+                "n_over_cutoff": self.n_over_cutoff_,
                 "n_steps": len(self.history_), "final_loss": self.final_loss_,
                 "wall_time_s": round(self.wall_time_s_, 2),
                 "tokens_per_s": float(np.median(tokens_per_s)) if tokens_per_s else None,
@@ -265,6 +275,7 @@ class LoraFineTuner:
     def _from_meta(self, meta: dict, out_dir: Path):
         self.history_ = artifacts.read_json(out_dir / "history.json")
         self.n_train_ = meta["n_train"]
+        self.n_over_cutoff_ = meta.get("n_over_cutoff", 0)
         self.final_loss_ = meta["final_loss"]
         self.wall_time_s_ = meta["wall_time_s"]
         self.adapter_dir_ = out_dir

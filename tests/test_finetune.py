@@ -36,8 +36,14 @@ def test_examples_are_tokenised_as_the_experts_score_them(questions):
         for q, (ids, target) in zip(questions, examples):
             assert ids == ll.encode(data.format_prompt(q))
             assert [target] == letter_c
-    short = LoraFineTuner(MODEL, cutoff_len=16).encode(tok, questions[:1])[0][0]
-    assert short == examples[0][0][-16:]  # cut from the front: the "Answer:" end stays
+
+
+def test_prompts_over_cutoff_are_dropped_not_cut(questions):
+    """A cut prompt (its passage gone) is not what the expert is later asked, so it is not trained on."""
+    examples = [([1] * 5, 0), ([1] * 10, 1), ([1] * 3, 2)]
+    assert list(LoraFineTuner(MODEL, cutoff_len=5).within_cutoff(examples)) == [0, 2]
+    with pytest.raises(InputError, match="cutoff_len=4"):
+        tuner(cutoff_len=4).fit(questions[:2])
 
 
 def test_loss_is_only_the_letter_cross_entropy(questions):
