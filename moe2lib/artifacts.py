@@ -116,6 +116,18 @@ def read_npz(path) -> dict[str, np.ndarray]:
         raise InputError(f"unreadable .npz file ({exc})", path=path) from None
 
 
+def portable_path(path) -> str | None:
+    """A path as recorded in an artifact: relative to the repository when inside it, so results do not
+    carry the machine's folder layout."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
 def file_sha256(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

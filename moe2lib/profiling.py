@@ -390,7 +390,8 @@ def expert_profile_measured(spec, records, cost: ModelCost, device: devices.Devi
     if source.startswith("measured:"):  # the per-class figures are modelled busy time x the measured mean power
         source = f"estimated:fitted_busy_time*measured_power({source})"
     return {
-        "device": device.name, "base_model": spec.model, "adapter": spec.adapter, "measured_as": measured_as,
+        "device": device.name, "base_model": spec.model, "adapter": artifacts.portable_path(spec.adapter),
+        "measured_as": measured_as,
         "source": f"measured:{device.name}", "model": cost.to_dict(),
         "fit": {**model.params(), "rms_log_error": model.rms_log_error_,
                 "heldout_median_rel_error": float(np.median(held)) if held.size else None,
@@ -410,7 +411,7 @@ def expert_profile_emulated(spec, device: devices.Device, prompt_tokens, prompt_
     power = device.busy_w if power_w is None else power_w
     how = f"estimated:busy_time*{power:g}W({device.power_how if power_w is None else 'power_w argument'})"
     return {
-        "device": device.name, "base_model": spec.model, "adapter": spec.adapter,
+        "device": device.name, "base_model": spec.model, "adapter": artifacts.portable_path(spec.adapter),
         "source": f"emulated:{device.name}:{cost.name}", "model": cost.to_dict(),
         "fit": {**model.params(), "eta_flops": device.eta_flops, "eta_bandwidth": device.eta_bandwidth,
                 "note": "not fitted: catalogue peak x efficiency and overhead (devices.py)"},

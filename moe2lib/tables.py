@@ -178,7 +178,7 @@ def all_subsets(split: Split, delay, energy, top_k: int | None = 2):
 def markdown(table, title: str) -> str:
     """A table as GitHub Markdown, NaN as a dash."""
     cols = list(table.columns)
-    lines = [f"**{title}**", "", "| method | " + " | ".join(f"{c} J" for c in cols) + " |",
+    lines = [f"**{title}**", "", "| method | " + " | ".join(f"{float(c):.3g} J" for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, row in table.iterrows():
         lines.append(f"| {name} | " + " | ".join("—" if np.isnan(v) else f"{v:.1f}" for v in row) + " |")

@@ -1,0 +1,312 @@
+"""Every figure and table of the pipeline redrawn from the stored artifacts alone (``python -m moe2lib figures``).
+
+One function per stage (:data:`STAGES`) reads the files its notebook wrote (and, where the notebook drew
+from them, its upstream stages' files) and draws with the same library functions the notebook calls, so a
+figure can be restyled or a table reformatted without running a model. Nothing here loads a model, starts
+a server or trains: a whole profile takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import artifacts
+from .errors import InputError
+
+class MissingArtifact(InputError):
+    """A file a figure is drawn from is absent; :func:`regenerate` skips the stage instead of failing."""
+
+
+def _need(path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise MissingArtifact("not found", path=path)
+    return path
+
+
+def _read_json(path):
+    return artifacts.read_json(_need(path))
+
+
+def _nan(x) -> float:
+    """A JSON number back to a float; null (NaN or infinity when written) to NaN."""
+    return math.nan if x is None else float(x)
+
+
+class Writer:
+    """Where regenerated files go; ``written`` lists them in order, ``log`` is told of each."""
+
+    def __init__(self, figures_dir, log: Callable[[str], None] = print):
+        self.figures = Path(figures_dir)
+        self.log = log
+        self.written: list[Path] = []
+
+    def _done(self, path: Path) -> Path:
+        self.written.append(path)
+        self.log(f"wrote {_show(path)}")
+        return path
+
+    def figure(self, fig, filename: str) -> Path:
+        """Save as the notebooks do (format, dpi, bounding box, atomic write), then close the figure."""
+        import matplotlib.pyplot as plt
+
+        from .pipeline import StageRun
+
+        try:
+            # StageRun.figure needs only .figures; StageRun() itself would clear the stage's meta.json
+            return self._done(StageRun.figure(self, fig, filename))
+        finally:
+            plt.close(fig)
+
+    def text(self, path, text: str) -> Path:
+        return self._done(artifacts.write_text(path, text))
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------- one function per stage
+
+def draw_base_models(art: Path, out: Writer) -> None:
+    """Per-subject accuracy and answer-letter bias of the base models, from their scores."""
+    from . import plots
+    from .scoring import Scores
+
+    scores = Scores.load(_need(art / "base_models" / "scores_mmlu.npz"))
+    out.figure(plots.subject_accuracy_figure(scores, "Base models: MMLU accuracy per subject"),
+               "base_models_subject_accuracy.png")
+    out.figure(plots.letter_bias_figure(scores, "Base models: answer-letter bias"), "base_models_letter_bias.png")
+
+
+def mmlu_subject(qid: str) -> str:
+    """The subject of an MMLU question id ``mmlu/<split>/<subject>_<split>.csv:<line>`` (``Question.source``)."""
+    path = Path(str(qid).rsplit(":", 1)[0])
+    split = path.parent.name
+    return path.stem if split == "auxiliary_train" else path.stem.removesuffix(f"_{split}")
+
+
+def draw_clustering(art: Path, out: Writer) -> None:
+    """Subject x cluster heatmap: clusters from clusters.npz, cluster labels from metrics.json."""
+    from . import clustering
+
+    d = art / "clustering"
+    cz = artifacts.read_npz(_need(d / "clusters.npz"))
+    metrics = _read_json(d / "metrics.json")
+    k = len(cz["centroids"])
+    subjects = np.array([mmlu_subject(q) for q in cz["mmlu_qid"].tolist()])
+    by_cluster = {c["cluster"]: c for c in metrics["clusters"]}
+    labels = [clustering.cluster_label(by_cluster[c]["terms"],
+                                       [(s["subject"], s["share"]) for s in by_cluster[c]["top_mmlu_subjects"]])
+              for c in range(k)]
+    umap = artifacts.read_npz(_need(d / "umap.npz"))
+    out.figure(clustering.umap_figure(umap["xy"], umap["cluster"], k, labels, "MMLU test prompts by cluster (UMAP)"),
+               "clustering_umap.png")
+    out.figure(clustering.subject_heatmap(subjects, cz["mmlu_cluster"], k, labels), "clustering_subjects.png")
+
+
+def draw_experts(art: Path, out: Writer) -> None:
+    """LoRA training curves, from each expert's history.json beside its peft adapter."""
+    from . import finetune
+
+    d = art / "experts"
+    histories = {}
+    for e in _read_json(d / "experts.json"):
+        role = e.get("role") or finetune.paper_role(e["base_model"], e["cluster"])
+        histories[f"{e['name']} ({role.split(' ')[0]})"] = _read_json(
+            d / e.get("peft_dir", f"peft/{e['name']}") / "history.json")
+    out.figure(finetune.curves_figure(histories, "Experts: LoRA training loss per step"),
+               "experts_training_curves.png")
+
+
+def draw_scoring(art: Path, out: Writer) -> None:
+    """Per-cluster gain over the base model (metrics.json) and letter bias of base models and experts (scores)."""
+    from . import clustering, plots, scoring
+    from .scoring import Scores
+
+    d = art / "scoring"
+    metrics = _read_json(d / "metrics.json")
+    rows = metrics["experts"]
+    delta = np.array([[_nan(x) for x in e["cluster_delta"]] for e in rows])
+    out.figure(clustering.specialisation_heatmap(delta, metrics["cluster_counts"], [e["name"] for e in rows],
+                                                 [e["cluster"] for e in rows]), "scoring_cluster_delta.png")
+    scores = Scores.load(_need(d / "scores_mmlu.npz"))
+    base_path = _need(art / "base_models" / "scores_mmlu.npz")
+    base = scoring.align(Scores.load(base_path), scores.qid, path=base_path)
+    out.figure(plots.letter_bias_figure(scoring.concat_experts(base, scores),
+                                        "Answer-letter bias: base models (first) and experts"),
+               "scoring_letter_bias.png")
+
+
+def _expert_names(art: Path) -> list[str]:
+    """Names in experts.json, read without checking that the adapters are there (they are not tracked)."""
+    path = art / "experts" / "experts.json"
+    return [e["name"] for e in artifacts.read_json(path)] if path.exists() else []
+
+
+def draw_profiles(art: Path, out: Writer) -> None:
+    """Fig. 5 and the delay model's fit, from profiles.json."""
+    from . import profiling
+
+    doc = profiling.load_profiles(_need(art / "profiles" / "profiles.json"), _expert_names(art))
+    out.figure(profiling.fig5_figure(doc), "profiles_fig5.png")
+    if "measured" in doc["modes"]:
+        out.figure(profiling.fit_figure(doc, "measured"), "profiles_fit.png")
+
+
+def draw_gating(art: Path, out: Writer) -> None:
+    """Training history (gating.json), Fig. 3 and the theorem checks (metrics.json)."""
+    from . import evaluation
+
+    d = art / "gating"
+    net = _read_json(d / "gating.json")
+    out.figure(evaluation.training_figure(net["history"], net["best_epoch"]), "gating_training.png")
+    metrics = _read_json(d / "metrics.json")
+    out.figure(evaluation.fig3_figure(metrics), "gating_fig3.png")
+    out.figure(evaluation.theorems_figure(metrics["theorem1"], metrics["theorem2"]["test"]), "gating_theorems.png")
+
+
+def table_from_cells(cells: Sequence[dict]):
+    """A paper table (methods x energy budgets, accuracy in %) from its cell records, laid out as
+    :func:`moe2lib.tables.testbed_table` lays it out, so its CSV is the notebook's byte for byte."""
+    import pandas as pd
+
+    from .tables import METHODS
+
+    energy = [math.inf if c["energy_budget_j"] is None else float(c["energy_budget_j"]) for c in cells]
+    table = pd.DataFrame({f"{e:g}": [100 * _nan(c["accuracy"][m]) for m in METHODS] for e, c in zip(energy, cells)},
+                         index=list(METHODS))
+    table.index.name = "method"
+    return table
+
+
+def draw_tables(art: Path, out: Writer) -> None:
+    """The CSV and Markdown tables and their heatmaps from metrics.json's cell records; the Pareto figures
+    from every subset's accuracy, recomputed (no model: a fused argmax) from the scoring, gating and
+    profiles artifacts the notebook read."""
+    from . import profiling, tables
+
+    d = art / "tables"
+    params = _read_json(d / artifacts.META_NAME)["params"]
+    metrics = _read_json(d / "metrics.json")
+    results = metrics["tables"]
+    parts = []
+    for mode in params["modes"]:
+        for label in tables.delay_labels(params["delay_budgets"]):
+            name = f"{mode}_delay-{label}"
+            if name not in results:
+                raise InputError(f"no table {name!r}; it has {', '.join(results)}", path=d / "metrics.json")
+            table = table_from_cells(results[name]["cells"])
+            out.text(d / f"{name}.csv", table.to_csv(float_format="%.2f"))
+            D = results[name]["delay_budget_s"]
+            D = math.inf if D is None else D
+            parts.append(tables.markdown(table, f"{mode}, delay budget {label} ({D:.3g} s)"))
+    out.text(d / "tables.md", "\n".join(parts))
+    out.figure(tables.heatmap_figure(results, metrics["experts"]), "tables_heatmaps.png")
+
+    train, test, experts = tables.load_splits(_need(art / "scoring" / "scores_mmlu.npz"),
+                                              _need(art / "gating" / "gate.npz"))
+    profiles = profiling.load_profiles(_need(art / "profiles" / "profiles.json"), experts)
+    app_class = params["app_class"]
+    for mode in params["modes"]:
+        cost = profiling.cost_arrays(profiles, mode, app_class, experts)
+        masks, delay, energy, acc = tables.all_subsets(test, *cost, top_k=params["top_k"])
+        source = ", ".join(sorted({e["classes"][app_class]["energy_source"] for e in profiles["modes"][mode].values()}))
+        out.figure(tables.pareto_figure(masks, delay, energy, acc, f"{mode} ({source})"), f"tables_pareto_{mode}.png")
+
+
+def fusion_steps_figure(steps: Sequence[dict]):
+    """The first 8 steps of a fused generation (``trace.json``'s steps): the fused top-5 candidates as bars
+    (the one chosen dark) and each expert's own renormalised probability of them as markers."""
+    import matplotlib.pyplot as plt
+
+    steps = list(steps)[:8]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6), squeeze=False)
+    names = list(steps[0]["weights"]) if steps else []
+    for ax, s in zip(axes.ravel(), steps):
+        cands = s["fused_top"][:5]
+        y = np.arange(len(cands))
+        ax.barh(y, [p for _, p in cands], color=["#1f4e79" if c == s["text"] else "#9dc3e6" for c, _ in cands])
+        for j, n in enumerate(names):
+            own = dict(s["expert_top"].get(n, []))
+            mass = sum(own.values()) or 1.0
+            ax.scatter([own.get(c, 0.0) / mass for c, _ in cands], y, marker="o^sv"[j % 4], s=25, zorder=3,
+                       label=f"{n} (w={s['weights'].get(n, 0):.2f})")
+        ax.set_yticks(y, [repr(c)[1:-1] or "<end>" for c, _ in cands])
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(f"step {s['index']}: {s['text']!r}", fontsize=9)
+    for ax in axes.ravel()[len(steps):]:
+        ax.axis("off")
+    if steps:
+        axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Fused next-token distribution (29) over the experts' top-n strings")
+    fig.tight_layout()
+    return fig
+
+
+def draw_fusion(art: Path, out: Writer) -> None:
+    """The fused generation's first steps, from trace.json."""
+    out.figure(fusion_steps_figure(_read_json(art / "fusion" / "trace.json")["steps"]), "fusion_steps.png")
+
+
+STAGES: dict[str, Callable[[Path, Writer], None]] = {
+    "base_models": draw_base_models,
+    "clustering": draw_clustering,
+    "experts": draw_experts,
+    "scoring": draw_scoring,
+    "profiles": draw_profiles,
+    "gating": draw_gating,
+    "tables": draw_tables,
+    "fusion": draw_fusion,
+}
+
+
+@dataclass
+class Report:
+    """What :func:`regenerate` did: files written and stages skipped (why)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def regenerate(artifacts_dir, figures_dir, stages: Sequence[str] | None = None, *,
+               log: Callable[[str], None] = print) -> Report:
+    """Redraw the figures of ``stages`` (default: all) into ``figures_dir`` and rewrite the tables stage's
+    CSV and Markdown files in place, from the artifacts under ``artifacts_dir`` alone.
+
+    A stage without ``meta.json`` (not run, or not finished), or lacking a file it is drawn from, is skipped
+    with one line in ``log``.
+    """
+    t0 = time.perf_counter()
+    art = Path(artifacts_dir)
+    chosen = list(STAGES) if stages is None else list(stages)
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise InputError(f"unknown stages {unknown}; stages: {', '.join(STAGES)}", param="stages")
+    out = Writer(figures_dir, log)
+    report = Report(written=out.written)
+    for name in chosen:
+        if artifacts.read_meta(art / name) is None:
+            report.skipped[name] = f"no {art / name / artifacts.META_NAME} (the stage has not run to its end)"
+            log(f"[{name}] skipped: {report.skipped[name]}")
+            continue
+        before = len(out.written)
+        try:
+            STAGES[name](art, out)
+        except MissingArtifact as exc:
+            report.skipped[name] = str(exc)
+            done = len(out.written) - before
+            log(f"[{name}] {f'stopped after {done} files' if done else 'skipped'}: {exc}")
+    report.seconds = time.perf_counter() - t0
+    return report

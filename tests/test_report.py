@@ -1,0 +1,97 @@
+"""Figures and tables redrawn from the smoke run's artifacts match what its notebooks wrote."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moe2lib import artifacts, report
+from moe2lib.errors import InputError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def redrawn(smoke_run, tmp_path_factory):
+    """The smoke artifacts as a fresh clone has them (no notebooks, adapters or weights; git ignores
+    those), the tables' CSV and Markdown removed, then regenerated: (notebook run root, copy root, report)."""
+    root = smoke_run[0]
+    copy = tmp_path_factory.mktemp("redrawn")
+    shutil.copytree(root / "artifacts", copy / "artifacts",
+                    ignore=shutil.ignore_patterns("*.ipynb", "*.gguf", "*.safetensors"))
+    for p in [*(copy / "artifacts" / "tables").glob("*.csv"), copy / "artifacts" / "tables" / "tables.md"]:
+        p.unlink()
+    logs = []
+    done = report.regenerate(copy / "artifacts", copy / "figures", log=logs.append)
+    return root, copy, done, logs
+
+
+def _pixels(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(path)
+
+
+def test_every_notebook_figure_is_redrawn_identically(redrawn):
+    root, copy, done, logs = redrawn
+    assert not done.skipped
+    notebook = {p.name for p in (root / "figures").glob("*.png")}
+    figures = [p for p in done.written if p.suffix == ".png"]
+    assert sorted(p.name for p in figures) == sorted(notebook)
+    for p in figures:
+        assert p.parent == copy / "figures" and p.read_bytes()[:8] == PNG, p.name
+        np.testing.assert_array_equal(_pixels(p), _pixels(root / "figures" / p.name), err_msg=p.name)
+    assert done.seconds < 60
+
+
+def test_tables_are_rewritten_byte_for_byte(redrawn):
+    root, copy, done, _ = redrawn
+    src, out = root / "artifacts" / "tables", copy / "artifacts" / "tables"
+    names = sorted(p.name for p in src.glob("*.csv")) + ["tables.md"]
+    assert len(names) == 7 and sorted(p.name for p in done.written if p.parent == out) == sorted(names)
+    for name in names:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_cli_loads_no_model_library(redrawn):
+    _, copy, _, _ = redrawn
+    code = ("import sys; from moe2lib.__main__ import main; rc = main(sys.argv[1:]); "
+            "print('heavy:', sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'llama_cpp', 'transformers', 'sentence_transformers', 'peft', 'umap'})); sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, "figures", "--profile", "smoke", "--out", str(copy)],
+                         capture_output=True, text=True, cwd=artifacts.REPO_ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "heavy: []" in run.stdout
+    assert "wrote " in run.stdout and "tables_pareto_measured.png" in run.stdout
+    assert " files written in " in run.stdout
+
+
+def test_absent_artifacts_skip_their_stage(redrawn, tmp_path):
+    _, copy, _, _ = redrawn
+    logs = []
+    done = report.regenerate(tmp_path / "none", tmp_path / "figures", ["base_models", "gating"], log=logs.append)
+    assert not done.written and set(done.skipped) == {"base_models", "gating"} and len(logs) == 2
+    assert not (tmp_path / "figures").exists()
+    shutil.copytree(copy / "artifacts" / "gating", tmp_path / "art" / "gating")
+    (tmp_path / "art" / "gating" / "gating.json").unlink()
+    done = report.regenerate(tmp_path / "art", tmp_path / "figures", ["gating"], log=logs.append)
+    assert not done.written and "gating.json: not found" in done.skipped["gating"]
+    with pytest.raises(InputError, match="unknown stages"):
+        report.regenerate(tmp_path / "art", tmp_path / "figures", ["nope"])
+
+
+def test_fusion_figure_draws_the_steps_a_trace_has(smoke_run):
+    import matplotlib.pyplot as plt
+
+    trace = json.loads((smoke_run[0] / "artifacts" / "fusion" / "trace.json").read_text())
+    fig = report.fusion_steps_figure(trace["steps"][:3])
+    assert sum(ax.axison for ax in fig.axes) == 3
+    plt.close(fig)
+
+
+def test_mmlu_subject_of_a_question_id():
+    assert report.mmlu_subject("mmlu/test/high_school_biology_test.csv:12") == "high_school_biology"
+    assert report.mmlu_subject("mmlu/auxiliary_train/arc_easy.csv:33") == "arc_easy"
