@@ -15,6 +15,24 @@ def _reproduce(args):
     pipeline.reproduce(args.profile, stages=stages, force=args.force, out=args.out)
 
 
+def _figures(args):
+    import time
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window
+    from . import pipeline, report
+
+    t0 = time.perf_counter()
+    cfg, _ = pipeline.load_config(args.profile)
+    root = Path(args.out) if args.out else pipeline.out_root(cfg.get("profile", Path(args.profile).stem))
+    stages = args.stages.split(",") if args.stages else None
+    done = report.regenerate(root / "artifacts", root / "figures", stages)
+    print(f"{len(done.written)} files written in {time.perf_counter() - t0:.1f} s "
+          f"({len(done.skipped)} stages skipped)")
+
+
 def _stages(args):
     from . import pipeline
 
@@ -78,7 +96,7 @@ def _serve_experts(args):
     options = dict(n_threads=args.threads, n_ctx=args.n_ctx)
     models = args.models.split(",") if args.models else None
     specs = servers.default_specs(args.experts, models, **options)
-    with servers.ServerPool(specs, base_port=args.base_port) as pool:
+    with servers.ServerPool(specs, base_port=args.base_port, host=args.host) as pool:
         for name, url in pool.urls.items():
             print(f"{name:28s} {url}", flush=True)
         print("experts: " + ",".join(f"{n}={u}" for n, u in pool.urls.items()), flush=True)
@@ -170,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
                                  "default profile, runs/<profile>/ otherwise)")
     r.set_defaults(func=_reproduce)
 
+    f = sub.add_parser("figures", help="redraw every figure and table from the stored artifacts (no model runs)",
+                       description="Redraw each stage's figures into figures/ and rewrite the tables stage's CSV "
+                                   "and Markdown files, from <out>/artifacts/ alone, with the library functions "
+                                   "the notebooks call: no model, server or training, seconds for a whole run. "
+                                   "A stage whose artifacts are absent is skipped with one line; figures the "
+                                   "artifacts cannot give back are listed at the end.")
+    f.add_argument("--profile", default="default",
+                   help="whose artifacts: smoke, default, paper, or a YAML file as for `reproduce` "
+                        "(default: %(default)s)")
+    f.add_argument("--out", help="folder holding the run's artifacts/ and figures/, as given to `reproduce --out` "
+                                 "(default: the repository for the default profile, runs/<profile>/ otherwise)")
+    f.add_argument("--stages", help="comma-separated subset of stages (see `stages`; default: all)")
+    f.set_defaults(func=_figures)
+
     s = sub.add_parser("stages", help="list the pipeline's stages")
     s.set_defaults(func=_stages)
 
@@ -197,13 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir")
     c.set_defaults(func=_score)
 
-    se = sub.add_parser("serve-experts", help="start expert servers (llama-cpp-python) on loopback ports",
+    se = sub.add_parser("serve-experts", help="start expert servers (llama-cpp-python), on loopback unless --host says otherwise",
                         description="Start one llama.cpp server per expert (adapters from experts.json when it "
                                     "exists, else the packaged base models) and print their URLs.")
     se.add_argument("--experts", default="artifacts/experts/experts.json",
                     help="experts registry (default: %(default)s)")
     se.add_argument("--models", help="comma-separated base models instead of the registry")
     se.add_argument("--base-port", type=int, default=8101, help="first port; the next experts take the next ones")
+    se.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: %(default)s; another address makes the servers, which have "
+                         "no authentication, reachable from other machines)")
     se.add_argument("--threads", type=int, default=1, help="threads per server")
     se.add_argument("--n-ctx", type=int, default=512, help="context size per server")
     se.set_defaults(func=_serve_experts)
