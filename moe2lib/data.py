@@ -1,9 +1,10 @@
 """Multiple-choice questions: MMLU in its original CSV layout and JSONL sets, prompts, seeded splits.
 
 Every question becomes a :class:`Question`. Bad input (a row with the wrong number of columns, an
-answer outside A–D, an empty question, an empty file, a bad JSON line) raises an
-:class:`~moe2lib.errors.InputError` naming the file and the 1-based line; for a CSV row whose quoted
-fields span several lines, that is the line where the row starts.
+answer outside A–D, an empty question, an empty file, a bad JSON line, bytes that are not UTF-8)
+raises an :class:`~moe2lib.errors.InputError` naming the file and the 1-based line; for a CSV row whose
+quoted fields span several lines, that is the line where the row starts (for bytes that are not UTF-8,
+the line of the first such byte).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _mmlu_rows(path: Path):
     """(start line, row) for each CSV row; csv and decoding errors become InputError."""
     line = 1
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh)
             for row in reader:
                 start, line = line, reader.line_num + 1
@@ -86,7 +87,17 @@ def _mmlu_rows(path: Path):
     except csv.Error as exc:
         raise InputError(f"malformed CSV ({exc})", path=path, line=line) from None
     except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 ({exc.reason})", path=path) from None
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
+
+
+def _bad_utf8_line(path: Path) -> int | None:
+    """1-based line of the first byte that is not UTF-8 (the text reader decodes in chunks, ahead of rows)."""
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return raw.count(b"\n", 0, exc.start) + 1
+    return None
 
 
 def _read_mmlu_csv(path: Path, subject: str, root: Path) -> list[Question]:
@@ -147,9 +158,9 @@ def load_jsonl(path, subject: str | None = None) -> list[Question]:
     path = Path(path)
     subject = subject or path.stem
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 ({exc.reason})", path=path) from None
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
     out = []
     for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
@@ -158,6 +169,8 @@ def load_jsonl(path, subject: str | None = None) -> list[Question]:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InputError(f"invalid JSON ({exc.msg})", path=path, line=n) from None
+        except (ValueError, RecursionError) as exc:  # a 4300+-digit integer, nesting deeper than the stack
+            raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
         if not isinstance(obj, dict):
             raise InputError("each line must be a JSON object", path=path, line=n)
         question = obj.get("query", obj.get("question"))

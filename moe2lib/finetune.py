@@ -266,6 +266,8 @@ class LoraFineTuner:
                 "tokens_per_s": float(np.median(tokens_per_s)) if tokens_per_s else None,
                 **artifacts.provenance()})
             if out_dir.exists():
+                # the marker goes first: a kill inside rmtree must not leave meta.json beside missing weights
+                (out_dir / DONE).unlink(missing_ok=True)
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)
         finally:

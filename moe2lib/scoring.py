@@ -60,6 +60,7 @@ class Scores:
 
     def save(self, path) -> Path:
         validate(self, path)
+        _check_unique(self, path)
         return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.subject,
                                    qid=self.qid, n_tokens=self.n_tokens, experts=self.experts)
 
@@ -71,11 +72,15 @@ class Scores:
             raise InputError(f"scores file lacks {missing}", path=path)
         scores = cls(**{k: data[k] for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts")})
         validate(scores, path)
+        _check_unique(scores, path)
         return scores
 
 
 def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
-    """Check shapes and that every probs[n, k, :] is a probability distribution."""
+    """Check shapes and dtypes, that n_tokens are not negative and every probs[n, k, :] is a distribution.
+
+    Each error names the file (``path``), the array and the first bad row/expert.
+    """
     if s.probs.ndim != 3:
         raise InputError(f"probs must be (N, K, C), got shape {s.probs.shape}", path=path, param="probs")
     n, k, c = s.probs.shape
@@ -84,6 +89,14 @@ def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
         if arr.shape != shape:
             raise InputError(f"{name} has shape {arr.shape}, expected {shape} to match probs {s.probs.shape}",
                              path=path, param=name)
+    for name, arr, kind in (("probs", s.probs, np.number), ("answer", s.answer, np.integer),
+                            ("n_tokens", s.n_tokens, np.number)):
+        if not np.issubdtype(arr.dtype, kind) or np.issubdtype(arr.dtype, np.bool_):
+            raise InputError(f"{name} must hold {'integers' if kind is np.integer else 'numbers'}, "
+                             f"got dtype {arr.dtype}", path=path, param=name)
+    if (s.n_tokens < 0).any():
+        i = np.argwhere(s.n_tokens < 0)[0]
+        raise InputError(f"n_tokens[{i[0]}, {i[1]}] is negative", path=path, param="n_tokens")
     bad = ~np.isfinite(s.probs)
     if bad.any():
         i = np.argwhere(bad)[0]
@@ -98,6 +111,15 @@ def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
         raise InputError(f"probs[{i[0]}, {i[1]}] sums to {sums[i[0], i[1]]:.6f}, not 1", path=path, param="probs")
     if ((s.answer < 0) | (s.answer >= c)).any():
         raise InputError(f"answer has values outside 0..{c - 1}", path=path, param="answer")
+
+
+def _check_unique(s: Scores, path=None) -> None:
+    """A scores file is joined on qid and indexed by expert name: a repeated one would match silently wrong."""
+    for name, arr in (("qid", s.qid), ("experts", s.experts)):
+        values, counts = np.unique(np.asarray(arr).astype(str), return_counts=True)
+        if (counts > 1).any():
+            raise InputError(f"{str(values[counts > 1][0])!r} appears {counts[counts > 1][0]} times; "
+                             f"{name} must be distinct", path=path, param=name)
 
 
 def score_questions(questions: Sequence[Question], experts, out_path, *, template: str = DEFAULT_TEMPLATE,
@@ -132,6 +154,9 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
             d = artifacts.read_npz(part)
             m = len(d["probs"])
             probs[:m, j], n_tokens[:m, j], done[j] = d["probs"], d["n_tokens"], m
+    if progress and done.any():  # say what is reused, so a resumed run's log shows it
+        print(f"{out_path.name}: resuming from the checkpoint in {partial.name}/, {int(done.sum())} of {n * k} "
+              f"scores already done ({', '.join(f'{lab}: {int(d)}' for lab, d in zip(labels, done))})")
 
     bar = None
     if progress:
