@@ -26,15 +26,20 @@ Servers (a client per API in ``APIS``):
 Budgets (eqs. (9), (12)) are enforced per request with per-expert estimates (:class:`ExpertCost`, or the
 profiles stage's ``profiles.json``): before the first token the slowest expert is dropped while the
 estimated delay max_k(T_k) exceeds the deadline, and the most energy-hungry one while Σ_k E_k exceeds the
-energy budget; during generation measured step times replace the delay estimates. Faults: an expert that
-errors, times out or disconnects is dropped, the weights are renormalised on the survivors (eq. (2),
-Theorem 1) and generation goes on; every step records who took part.
+energy budget; during generation the measured time of decode steps (not the first step, which includes
+prompt processing) replaces the delay estimates. The deadline is hard: each step's expert requests get
+min(timeout, time left) of wall-clock time, experts that have not answered by then are dropped from the
+step and the step is fused from those that did. Faults: an expert that errors, times out or disconnects is
+dropped, the weights are renormalised on the survivors (eq. (2), Theorem 1) and generation goes on; every
+step records who took part.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,9 +105,15 @@ class OpenAICompletions(ExpertAPI):
             choice = js["choices"][0]
         except (KeyError, IndexError, TypeError) as exc:
             raise ExpertFailed(f"no choices in the answer: {str(js)[:200]}") from exc
-        tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
-        if tops and tops[0]:
-            return fusion.probs_from_logprobs(tops[0])
+        tops = (choice.get("logprobs") or {}) if isinstance(choice, dict) else {}
+        tops = (tops.get("top_logprobs") if isinstance(tops, dict) else None) or []
+        if isinstance(tops, list) and tops and isinstance(tops[0], dict) and tops[0]:
+            try:
+                return _checked(fusion.probs_from_logprobs(tops[0]))
+            except (TypeError, ValueError) as exc:
+                raise ExpertFailed(f"unreadable top_logprobs: {str(tops[0])[:200]}") from exc
+        if not isinstance(choice, dict):
+            raise ExpertFailed(f"unreadable choice: {str(choice)[:200]}")
         if choice.get("finish_reason") == "stop":
             return {fusion.STOP: 1.0}  # greedy token was EOS: the server returns no logprobs then
         raise ExpertFailed(f"no top_logprobs in the answer: {str(choice)[:200]}")
@@ -134,7 +145,15 @@ class LlamaServerCompletion(ExpertAPI):
                 out[e["tok_str"]] = out.get(e["tok_str"], 0.0) + float(e["prob"])
         if not out:
             raise ExpertFailed("empty top-n list")
-        return out
+        return _checked(out)
+
+
+def _checked(top: dict[str, float]) -> dict[str, float]:
+    """A server's distribution, or ExpertFailed when it is not one (a bad answer must drop the expert,
+    not reach the fusion maths as NaN or as an input error of the request)."""
+    if not top or not all(math.isfinite(v) and v >= 0 for v in top.values()) or sum(top.values()) <= 0:
+        raise ExpertFailed(f"not a distribution: {str(top)[:200]}")
+    return top
 
 
 @dataclass
@@ -303,6 +322,26 @@ class Generation:
 
 # --------------------------------------------------------------------------- coordinator
 
+def _positive(x, name: str, zero: bool = False, inf: bool = False) -> float:
+    """A number > 0 (>= 0 with ``zero``; +inf only with ``inf``), else InputError naming the parameter."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"must be a number, got {x!r}", param=name) from None
+    if isinstance(x, bool) or math.isnan(v) or v < 0 or (v == 0 and not zero) or (v == math.inf and not inf):
+        raise InputError(f"must be a {'' if inf else 'finite '}number {'>=' if zero else '>'} 0, got {x!r}",
+                         param=name)
+    return v
+
+
+DECODE_WINDOW = 3  # the pace of an expert: the median of its last few decode steps
+
+
+def _late(exc: BaseException) -> bool:
+    """True for a request that ran out of time (httpx's own timeouts or the step's wall-clock bound)."""
+    return isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError, TimeoutError))
+
+
 class Coordinator:
     """Fused generation over expert servers (Alg. 3); constructor stores parameters only.
 
@@ -317,6 +356,15 @@ class Coordinator:
                  costs: Mapping[str, ExpertCost] | str | Path | None = None,
                  deadline_s: float | None = None, energy_j: float | None = None):
         self.experts = list(experts)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"must be None or an integer >= 1, got {top_k!r}", param="top_k")
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+            raise InputError(f"must be an integer >= 1, got {top_n!r}", param="top_n")
+        if remainder not in fusion.REMAINDERS:
+            raise InputError(f"must be one of {fusion.REMAINDERS}, got {remainder!r}", param="remainder")
+        timeout = _positive(timeout, "timeout")
+        deadline_s = None if deadline_s is None else _positive(deadline_s, "deadline_s", inf=True)
+        energy_j = None if energy_j is None else _positive(energy_j, "energy_j", zero=True, inf=True)
         self.gate = gate
         self.subset = subset
         self.top_k = top_k
@@ -386,32 +434,56 @@ class Coordinator:
         selected = [names[i] for i in np.flatnonzero(alive)]
         costs = self._costs()
         rng = np.random.default_rng(seed)
-        measured: dict[str, float] = {}
+        measured: dict[str, float] = {}            # each expert's latest step time (reported)
+        decode: dict[str, list[float]] = {}        # each expert's decode-step times (steps >= 1): its pace
         text, steps, energy, finish = "", [], 0.0, "length"
         energy += sum(costs[n].prompt_energy_j for n in selected if n in costs)
         async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=len(names))) as client:
             for index in range(max_tokens):
                 step_dropped: dict[str, str] = {}
-                if index > 0 and not self._runtime_budgets(alive, names, measured, costs, t0, energy,
+                if index > 0 and not self._runtime_budgets(alive, names, decode, costs, t0, energy,
                                                            max_tokens - index, step_dropped):
                     finish = next(iter(step_dropped.values())).split(":")[0] if step_dropped else "deadline"
                     dropped.update(step_dropped)
                     break
+                # wall-clock bound of this step's requests: the timeout, or less when the deadline is nearer
+                limit, by_deadline = self.timeout, False
+                if self.deadline_s is not None:
+                    left = self.deadline_s - (time.monotonic() - t0)
+                    if left <= 0:  # reached during planning or the first step's setup
+                        for i in np.flatnonzero(alive):
+                            step_dropped[names[i]] = "deadline: reached"
+                        dropped.update(step_dropped)
+                        finish = "deadline"
+                        break
+                    if left < limit:
+                        limit, by_deadline = left, True
                 active = [i for i in np.flatnonzero(alive)]
                 ts = time.monotonic()
-                results = await asyncio.gather(*(self._ask(client, self.experts[i], prompt + text)
+                results = await asyncio.gather(*(self._ask(client, self.experts[i], prompt + text, limit)
                                                  for i in active), return_exceptions=True)
-                tops, ok = [], []
+                tops, ok, late = [], [], False
                 for i, res in zip(active, results):
                     if isinstance(res, BaseException):
                         alive[i] = False
-                        step_dropped[names[i]] = f"failed: {type(res).__name__}: {res}"[:300]
+                        if by_deadline and _late(res):
+                            late = True
+                            step_dropped[names[i]] = f"deadline: no answer in the {limit:.3g} s left"
+                        elif _late(res):
+                            step_dropped[names[i]] = f"failed: timeout: no answer within {limit:.3g} s"
+                        else:
+                            step_dropped[names[i]] = f"failed: {type(res).__name__}: {res}"[:300]
                     else:
                         (top, dt) = res
                         measured[names[i]] = dt
+                        if index > 0:
+                            decode.setdefault(names[i], []).append(dt)
                         tops.append(top)
                         ok.append(i)
                 dropped.update(step_dropped)
+                if not ok and late:  # the deadline came before any answer: end here, with what was made
+                    finish = "deadline"
+                    break
                 if not ok:
                     raise AllExpertsFailed("all experts failed: " + "; ".join(
                         f"{n} ({self._url(n)}): {r}" for n, r in dropped.items()))
@@ -452,19 +524,28 @@ class Coordinator:
         if result is not None:
             result["generation"] = gen
 
-    def _runtime_budgets(self, alive, names, measured, costs, t0, energy, remaining, step_dropped) -> bool:
-        """Drop experts that would break the budgets from here on; False when no expert can continue."""
+    def _pace(self, name: str, decode: Mapping[str, list[float]], costs: Mapping[str, ExpertCost]) -> float | None:
+        """Seconds per token of an expert: its measured decode steps once there are any (the first step also
+        processed the prompt, so it overstates the pace), else its estimate, else unknown (None)."""
+        times = decode.get(name)
+        if times:
+            return float(statistics.median(times[-DECODE_WINDOW:]))
+        return costs[name].delay_s if name in costs else None
+
+    def _runtime_budgets(self, alive, names, decode, costs, t0, energy, remaining, step_dropped) -> bool:
+        """Drop experts that would break the budgets from here on; False when no expert can continue.
+
+        An expert of unknown pace is kept: the step's wall-clock bound still holds the deadline."""
         if self.deadline_s is not None:
             left = self.deadline_s - (time.monotonic() - t0)
-            while True:
-                pace = {i: measured.get(names[i], costs[names[i]].delay_s if names[i] in costs else 0.0)
-                        for i in np.flatnonzero(alive)}
+            if left <= 0:
+                for i in np.flatnonzero(alive):
+                    step_dropped[names[i]] = "deadline: reached"
+                return False
+            while alive.sum() > 1:
+                pace = {i: p for i in np.flatnonzero(alive)
+                        if (p := self._pace(names[i], decode, costs)) is not None}
                 if not pace or max(pace.values()) * remaining <= left:
-                    break
-                if len(pace) == 1:
-                    if left <= 0:
-                        step_dropped[names[next(iter(pace))]] = "deadline: reached"
-                        return False
                     break
                 i = max(pace, key=pace.get)
                 alive[i] = False
@@ -486,9 +567,11 @@ class Coordinator:
     def _url(self, name):
         return next((e.url for e in self.experts if e.name == name), "?")
 
-    async def _ask(self, client, expert: ExpertClient, text: str):
+    async def _ask(self, client, expert: ExpertClient, text: str, limit: float):
+        """One expert's distribution within ``limit`` seconds of wall-clock time (all its requests together:
+        httpx's timeouts are per read, so a server that trickles bytes would otherwise hold the step)."""
         ts = time.monotonic()
-        top = await expert.next_distribution(client, text, self.top_n, self.timeout)
+        top = await asyncio.wait_for(expert.next_distribution(client, text, self.top_n, limit), limit)
         return top, time.monotonic() - ts
 
     async def agenerate(self, prompt: str, **options) -> Generation:
@@ -558,13 +641,118 @@ def render_chat(messages) -> str:
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask of the endpoint; beyond it the answer is a 4xx, never work."""
+
     max_prompt_chars: int = 4000
     max_tokens: int = 256
     max_concurrency: int = 2
+    max_body_bytes: int = 128 * 1024   # the HTTP body (413 beyond); a 4000-char prompt of \uXXXX escapes is 24 KB
+    max_stop: int = 16                 # stop strings per request
+
+    def __post_init__(self):
+        for name in ("max_prompt_chars", "max_tokens", "max_concurrency", "max_body_bytes", "max_stop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"must be an integer >= 1, got {v!r}", param=name)
+
+
+class BodyTooLarge(InputError):
+    """The HTTP request body is over :attr:`Limits.max_body_bytes` (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A checked completion request: the prompt text, :meth:`Coordinator.astream`'s options, streaming or not."""
+
+    prompt: str
+    options: dict
+    stream: bool
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_request(raw: bytes | str, chat: bool, limits: Limits = Limits()) -> ParsedRequest:
+    """Check a ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions`` body; InputError says what is wrong.
+
+    Any body either gives a request within ``limits`` or an InputError (the endpoint's 400/413): never another
+    exception, so that no input reaches the experts unchecked or ends as a 500.
+    """
+    if len(raw) > limits.max_body_bytes:
+        raise BodyTooLarge(f"the request body has {len(raw)} bytes; the limit is {limits.max_body_bytes}")
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)  # NaN/Infinity are not JSON
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8 and over-long integers
+        raise InputError(f"the request body is not valid JSON ({str(exc)[:100]})") from None
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object")
+    if chat:
+        prompt = render_chat(body.get("messages"))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise InputError("prompt must be a non-empty string", param="prompt")
+    if len(prompt) > limits.max_prompt_chars:
+        raise InputError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
+                         param="prompt")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in prompt):  # "\ud800" escapes: no UTF-8 for the experts
+        raise InputError("prompt holds an unpaired surrogate (not valid Unicode text)", param="prompt")
+    n = body.get("max_tokens")
+    n = min(16, limits.max_tokens) if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_tokens:
+        raise InputError(f"max_tokens must be an integer in [1, {limits.max_tokens}]", param="max_tokens")
+    t = body.get("temperature", 0.0)
+    t = 0.0 if t is None else t
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t) or t < 0:
+        raise InputError("temperature must be a finite number >= 0", param="temperature")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop) or len(stop) > limits.max_stop:
+        raise InputError(f"stop must be a string or a list of at most {limits.max_stop} strings", param="stop")
+    seed = body.get("seed", 0)
+    seed = 0 if seed is None else seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise InputError("seed must be an integer in [0, 2^63)", param="seed")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InputError("stream must be true or false", param="stream")
+    return ParsedRequest(prompt, dict(max_tokens=n, temperature=float(t), seed=seed, stop=stop), bool(stream))
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused (BodyTooLarge) as soon as its declared or received size passes ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise InputError(f"bad Content-Length {declared[:40]!r}")
+        if int(declared) > max_bytes:
+            raise BodyTooLarge(f"the request body has {int(declared)} bytes; the limit is {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:  # chunked bodies declare no length: stop reading at the limit
+            raise BodyTooLarge(f"the request body has more than {max_bytes} bytes; the limit is {max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: str = "moe2"):
-    """FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` optional)."""
+    """FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` optional).
+
+    Bad requests get 400 (413 for a body over ``limits.max_body_bytes``), more than ``limits.max_concurrency``
+    at once 429, all experts down 503. Serve it on 127.0.0.1 (``python -m moe2lib serve`` does by default):
+    it has no authentication.
+    """
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.background import BackgroundTask
@@ -574,43 +762,17 @@ def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: st
 
     def error(status, msg):
         return JSONResponse({"error": {"message": msg, "type": "invalid_request_error" if status < 500
-                                       else "server_error"}}, status_code=status)
-
-    def options(body: dict) -> dict:
-        n = body.get("max_tokens", 16)
-        if not isinstance(n, int) or not 1 <= n <= limits.max_tokens:
-            raise InputError(f"max_tokens must be an integer in [1, {limits.max_tokens}]", param="max_tokens")
-        t = body.get("temperature", 0.0)
-        if not isinstance(t, (int, float)) or t < 0:
-            raise InputError("temperature must be a number >= 0", param="temperature")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise InputError("stop must be a string or a list of strings", param="stop")
-        seed = body.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise InputError("seed must be an integer >= 0", param="seed")
-        return dict(max_tokens=n, temperature=float(t), seed=seed, stop=stop)
+                                       else "server_error"}}, status_code=status,
+                            headers={"Retry-After": "1"} if status in (429, 503) else None)
 
     async def handle(request: Request, chat: bool):
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise InputError("the request body must be a JSON object")
-            if chat:
-                prompt = render_chat(body.get("messages"))
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise InputError("prompt must be a string", param="prompt")
-            if len(prompt) > limits.max_prompt_chars:
-                raise InputError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
-                                 param="prompt")
-            opts = options(body)
-        except (InputError, json.JSONDecodeError) as exc:
+            req = parse_request(await read_body(request, limits.max_body_bytes), chat, limits)
+        except BodyTooLarge as exc:
+            return error(413, str(exc))
+        except InputError as exc:
             return error(400, str(exc))
+        prompt, opts = req.prompt, req.options
         if busy["n"] >= limits.max_concurrency:
             return error(429, f"busy: {limits.max_concurrency} requests in flight")
         cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{time.time_ns():x}", int(time.time())
@@ -628,7 +790,7 @@ def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: st
                     "steps": [{"text": s.text, "experts": s.experts, "weights": s.weights} for s in gen.steps]}
 
         busy["n"] += 1  # counted now, so concurrent streaming requests see each other
-        if body.get("stream"):
+        if req.stream:
             started = []
 
             def release_if_unstarted():  # a stream that never ran never reaches its finally

@@ -42,20 +42,25 @@ def subset_weights(gate: Sequence[float], mask: Sequence[bool]) -> np.ndarray:
     """Eq. (2) for one prompt (:func:`moe2lib.gating.subset_weights`); an empty subset is an error here."""
     if not np.asarray(mask, dtype=bool).any():
         raise InputError("the subset is empty", param="mask")
-    return gating.subset_weights(gate, mask)
+    g = np.asarray(gate, dtype=float)
+    m = np.asarray(mask, dtype=bool)
+    top = np.max(g[m], initial=0.0) if g.shape == m.shape and np.isfinite(g).all() else 1.0
+    # scaled by the subset's largest value first: finite gates such as 1e308 would overflow their sum to inf
+    return gating.subset_weights(np.where(m, g, 0.0) / top if top > 0 else g, mask)
 
 
 def top_k_mask(gate: Sequence[float], k: int | None, mask: Sequence[bool] | None = None) -> np.ndarray:
     """Eqs. (26)–(27) for one prompt: the Top-k experts of subset S (all of S when ``k`` is None)."""
     m = np.ones(np.shape(gate), bool) if mask is None else np.asarray(mask, dtype=bool)
-    if k is not None and k < 1:
+    if k is not None and (isinstance(k, bool) or k < 1):
         raise InputError(f"top_k must be >= 1, got {k}", param="top_k")
     return m.copy() if k is None else gating.topk_mask(gate, m, k)[0]
 
 
 def probs_from_logprobs(top: Mapping[str, float]) -> dict[str, float]:
     """A server's ``{token string: logprob}`` as probabilities (strings are already merged by the server)."""
-    return {str(s): float(np.exp(lp)) for s, lp in top.items() if lp is not None and np.isfinite(lp)}
+    with np.errstate(over="ignore"):  # a (malformed) logprob > 709 gives inf, which callers reject
+        return {str(s): float(np.exp(float(lp))) for s, lp in top.items() if lp is not None and np.isfinite(lp)}
 
 
 @dataclass
@@ -82,8 +87,10 @@ def expert_scores(top: Mapping[str, float], candidates: Sequence[str], *, remain
     if remainder not in REMAINDERS:
         raise InputError(f"remainder must be one of {REMAINDERS}, got {remainder!r}", param="remainder")
     p = {s: max(float(v), 0.0) for s, v in top.items()}
+    if not all(np.isfinite(v) for v in p.values()):
+        raise InputError(f"an expert's top-n probabilities must be finite, got {list(p.values())[:10]}", param="top")
     mass = sum(p.values())
-    if mass <= 0:
+    if not mass > 0 or not np.isfinite(mass):
         raise InputError("an expert's top-n distribution has no mass", param="top")
     if remainder == "drop":
         p = {s: v / mass for s, v in p.items()}
@@ -123,17 +130,24 @@ def fuse(tops: Sequence[Mapping[str, float]], weights: Sequence[float], *, remai
     scores = np.stack([expert_scores(t, candidates, remainder=remainder, prefix=prefix, vocab_size=v)
                        for t, v in zip(tops, sizes)])
     fused = w @ scores
-    return Fused(candidates, fused / fused.sum(), scores, w, list(names))
+    total = fused.sum()
+    if not (total > 0 and np.isfinite(total)):  # every product underflowed (subnormal probabilities): in logs
+        with np.errstate(divide="ignore"):
+            lf = np.logaddexp.reduce(np.log(w)[:, None] + np.log(scores), axis=0)
+        fused = np.exp(lf - lf.max())
+        total = fused.sum()
+    return Fused(candidates, fused / total, scores, w, list(names))
 
 
 def choose(fused: Fused, temperature: float = 0.0, rng: np.random.Generator | None = None) -> str:
     """Argmax (temperature 0) or a sample from p^(1/T), renormalised, with the given generator."""
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}", param="temperature")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature}", param="temperature")
     if temperature == 0:
         return fused.argmax()
-    logp = np.log(np.maximum(fused.probs, 1e-300)) / temperature
-    q = np.exp(logp - logp.max())
+    logp = np.log(np.maximum(fused.probs, 1e-300))
+    with np.errstate(over="ignore"):  # max subtracted before dividing: a tiny T gives -inf, never NaN
+        q = np.exp((logp - logp.max()) / temperature)
     q /= q.sum()
     rng = rng if rng is not None else np.random.default_rng()
     return fused.candidates[int(rng.choice(len(q), p=q))]

@@ -63,7 +63,11 @@ def subset_weights(gate, mask) -> np.ndarray:
     gate = _as_gate(gate)
     mask = _as_mask(mask, gate.shape[-1])
     g = np.where(mask, gate, 0.0)
-    total = g.sum(-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        total = g.sum(-1, keepdims=True)
+    if not np.isfinite(total).all():  # weights would all be 0: refuse rather than return a non-distribution
+        raise InputError("gating values are too large: their sum overflows (scale them, e.g. by their max)",
+                         param="gate")
     size = mask.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(total > 0, g / total, np.where(size > 0, mask / np.maximum(size, 1), 0.0))

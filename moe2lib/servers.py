@@ -1,8 +1,9 @@
 """Start and stop expert servers: llama-cpp-python's OpenAI-compatible server, one process per expert.
 
-Each server binds to 127.0.0.1 on a free (or given) port and runs one GGUF model with an optional GGUF
-LoRA adapter. ``logits_all`` stays on (the server needs it to return ``logprobs``), so the server keeps an
-(n_ctx × vocab) float32 score buffer: ``n_ctx`` is kept small (512: 0.5 GB for Gemma's 262k vocabulary).
+Each server binds to 127.0.0.1 (loopback only: it has no authentication) on a free (or given) port and
+runs one GGUF model with an optional GGUF LoRA adapter; its log goes to a private temporary folder.
+``logits_all`` stays on (the server needs it to return ``logprobs``), so the server keeps an (n_ctx × vocab)
+float32 score buffer: ``n_ctx`` is kept small (512: 0.5 GB for Gemma's 262k vocabulary).
 Per token, llama-cpp-python's server log-softmaxes every cached row and sorts the whole vocabulary in
 Python to find the top-n; that sort (≈0.1 s for SmolLM2's 49k tokens, ≈0.3 s for Gemma's 262k on one
 busy core here) dominates its per-token time (benchmarks/bench_fusion.py).
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +34,18 @@ from . import models
 from .errors import InputError, ResourceUnavailable
 
 HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _LIVE: "set[ExpertServer]" = set()  # strong references: an unreferenced server must still be stopped at exit
+_LOG_DIR: Path | None = None
+
+
+def _private_log_dir() -> Path:
+    """This process's folder for server logs, readable by this user only (``mkdtemp``): fixed log names
+    straight in the shared temp folder could be pre-created by another user as symlinks to our files."""
+    global _LOG_DIR
+    if _LOG_DIR is None or not _LOG_DIR.is_dir():
+        _LOG_DIR = Path(tempfile.mkdtemp(prefix="moe2-servers-"))
+    return _LOG_DIR
 
 
 def free_port(host: str = HOST) -> int:
@@ -66,7 +79,10 @@ class ExpertServer:
         self.spec = spec
         self.host = host
         self.port = port or free_port(host)
-        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
+        if host not in LOOPBACK:
+            warnings.warn(f"expert server {spec.name} on {host}: llama.cpp's server has no authentication and "
+                          "is reachable beyond this machine", stacklevel=2)
+        self.log_dir = Path(log_dir) if log_dir else _private_log_dir()
         self.proc: subprocess.Popen | None = None
         self.log_path = self.log_dir / f"moe2-server-{spec.name}-{self.port}.log"
 

@@ -5,17 +5,21 @@ at the end. The fused output is compared with (29) computed in-process from the 
 """
 
 import json
+import re
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from moe2lib import fusion, models, servers
-from moe2lib.coordinator import (APIS, AllExpertsFailed, Coordinator, ExpertClient, ExpertCost, Limits,
-                                 OpenAICompletions, clients_from_urls, make_app, render_chat)
+from moe2lib.coordinator import (APIS, AllExpertsFailed, Coordinator, ExpertClient, ExpertCost, ExpertFailed,
+                                 Limits, OpenAICompletions, clients_from_urls, make_app, render_chat)
 from moe2lib.errors import InputError
 
 pytestmark = pytest.mark.slow
@@ -50,6 +54,80 @@ def pool():
 
 def clients(pool, names=("smol", "smol-b", "gemma")):
     return pool.clients(names)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP port is listening on, from /proc/net/tcp{,6} (what the kernel really bound)."""
+    out = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(addr)
+                if width == 8:
+                    out.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                else:
+                    out.add(socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))))
+    return out
+
+
+class Silent:
+    """A real TCP server that accepts connections and never answers (a hung expert)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+class Trickle(Silent):
+    """A real HTTP server that sends its headers at once and then one body byte every 0.2 s, for a minute:
+    httpx's timeouts are per read, so they never fire on it; only a wall-clock bound ends the wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+                for _ in range(300):
+                    if self.stop.wait(0.2):
+                        return
+                    conn.sendall(b" ")
+            except OSError:
+                return
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(2)
+        super().__exit__()
 
 
 class Reference:
@@ -152,7 +230,7 @@ def test_silent_server_times_out_and_all_down_is_a_clear_error(pool):
         coord = Coordinator([ExpertClient(url, "silent"), ExpertClient(pool["smol"].url, "smol")],
                             top_n=4, timeout=0.5)
         gen = coord.generate("Hello", max_tokens=2)
-        assert gen.dropped["silent"].startswith("failed: ReadTimeout")
+        assert gen.dropped["silent"].startswith("failed: timeout: no answer within 0.5 s")
         assert [s.experts for s in gen.steps] == [["smol"], ["smol"]]
         dead = Coordinator([ExpertClient(url, "silent"), ExpertClient(f"http://127.0.0.1:{servers.free_port()}",
                                                                       "gone")], timeout=0.5)
@@ -176,13 +254,68 @@ def test_budgets_drop_the_slowest_and_report_energy(pool):
 
 
 def test_deadline_at_run_time_drops_the_measured_slowest_then_stops(pool):
-    coord = Coordinator(clients(pool, ("smol", "gemma")), top_n=4, deadline_s=1.5)  # no estimates: measured
+    coord = Coordinator(clients(pool, ("smol", "gemma")), top_n=4, deadline_s=3.0)  # no estimates: measured
     gen = coord.generate("Once upon a time", max_tokens=60)
     assert gen.steps[0].experts == ["smol", "gemma"] and gen.dropped["gemma"].startswith("deadline")
-    assert all(s.experts == ["smol"] for s in gen.steps[1:])
+    gone = next(s.index for s in gen.steps if "gemma" in s.dropped)
+    assert all(s.experts == ["smol"] for s in gen.steps[gone:])
     assert gen.finish_reason in ("deadline", "stop") and len(gen.steps) < 60
+    assert gen.delay_s <= 3.0 + 0.5  # the deadline is hard: no step runs past it
     if gen.finish_reason == "deadline":
-        assert gen.delay_s >= 1.5 and gen.dropped["smol"] == "deadline: reached"
+        assert gen.delay_s >= 3.0 and gen.dropped["smol"].startswith("deadline")
+
+
+def test_a_hung_expert_cannot_hold_a_step_past_the_deadline(pool):
+    """Each step's requests get min(timeout, time left): the step ends at the deadline with the experts that
+    answered, their weights renormalised (eq. (2)); the hung one is dropped, not waited for (timeout 60 s)."""
+    gate = lambda prompt: np.array([0.5, 0.2, 0.3])  # noqa: E731
+    with Silent() as silent:
+        coord = Coordinator([ExpertClient(silent.url, "silent")] + clients(pool, ("smol", "gemma")), gate,
+                            top_n=4, timeout=60, deadline_s=4.0)
+        t0 = time.monotonic()
+        gen = coord.generate("The capital of Italy is", max_tokens=5)
+        wall = time.monotonic() - t0
+    assert 4.0 <= wall < 4.0 + 1.5, wall
+    assert gen.finish_reason == "deadline" and gen.dropped["silent"].startswith("deadline: no answer in the")
+    first = gen.steps[0]
+    assert first.experts == ["smol", "gemma"] and "silent" in first.dropped
+    assert first.weights == pytest.approx({"smol": 0.4, "gemma": 0.6})
+    assert gen.text == "".join(s.text for s in gen.steps)
+    # nobody answers before the deadline: a clear "deadline" finish with no text, not an error
+    with Silent() as silent:
+        t0 = time.monotonic()
+        gen = Coordinator([ExpertClient(silent.url, "silent")], timeout=60, deadline_s=1.0).generate("Hi", max_tokens=3)
+        assert time.monotonic() - t0 < 2.5
+    assert (gen.finish_reason, gen.text, gen.steps) == ("deadline", "", [])
+    assert list(gen.dropped) == ["silent"] and gen.dropped["silent"].startswith("deadline: no answer in the")
+
+
+def test_a_trickling_expert_is_cut_at_the_timeout_without_a_deadline(pool):
+    with Trickle() as slow:
+        coord = Coordinator([ExpertClient(slow.url, "trickle")] + clients(pool, ("smol",)), top_n=4, timeout=2.0)
+        t0 = time.monotonic()
+        gen = coord.generate("Hello", max_tokens=2)
+        wall = time.monotonic() - t0
+    assert gen.dropped["trickle"] == "failed: timeout: no answer within 2 s"
+    assert [s.experts for s in gen.steps] == [["smol"], ["smol"]]
+    assert wall < 2.0 + 3.0, wall  # (without the wall-clock bound: 60 s of trickle)
+
+
+def test_the_pace_comes_from_decode_steps_not_the_prompt_step(pool):
+    """The first step also processes the prompt; taken as the per-token pace it would drop gemma at step 1
+    (≈260 prompt tokens here). Gemma's pace is its decode steps, so it is dropped at step 2, by that pace."""
+    prompt = f"Counting ({time.time_ns()}): " + ", ".join(str(i) for i in range(1, 51)) + ","
+    coord = Coordinator(clients(pool, ("smol", "gemma")), top_n=4, deadline_s=10.0)
+    gen = coord.generate(prompt, max_tokens=80)
+    assert [s.experts for s in gen.steps[:2]] == [["smol", "gemma"]] * 2
+    assert "gemma" in gen.steps[2].dropped, gen.dropped
+    reason = gen.steps[2].dropped["gemma"]
+    m = re.fullmatch(r"deadline: 78 tokens x ([0-9.e+-]+) s/token > ([0-9.e+-]+) s left", reason)
+    assert m, reason
+    decode = gen.steps[1].expert_latency_s["gemma"]
+    assert float(m.group(1)) == pytest.approx(decode, rel=0.01)  # its one decode step so far
+    assert gen.steps[0].expert_latency_s["gemma"] > decode  # the prompt step was slower
+    assert all(s.experts == ["smol"] for s in gen.steps[2:]) and gen.delay_s <= 10.5
 
 
 def test_openai_endpoint_completions_chat_stream_and_limits(pool):
@@ -191,7 +324,8 @@ def test_openai_endpoint_completions_chat_stream_and_limits(pool):
     # (greedy answers can differ between calls by a near-tie: llama.cpp's numbers depend on how much of the
     # prompt a server had cached; so each answer is checked against its own step record)
     coord = Coordinator(clients(pool, ("smol", "gemma")), top_n=TOP_N)
-    api = TestClient(make_app(coord, Limits(max_prompt_chars=200, max_tokens=8, max_concurrency=2)))
+    api = TestClient(make_app(coord, Limits(max_prompt_chars=200, max_tokens=8, max_concurrency=2,
+                                            max_body_bytes=2000)))
     r = api.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -210,6 +344,46 @@ def test_openai_endpoint_completions_chat_stream_and_limits(pool):
     r = api.post("/v1/completions", json={"prompt": "hi", "max_tokens": 9})
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     assert api.get("/v1/models").json()["data"][0]["experts"] == ["smol", "gemma"]
+    # the body cap: 413 by Content-Length, and while reading a chunked body (no length given)
+    big = json.dumps({"prompt": "x" * 100, "stop": ["y" * 1000] * 3}).encode()
+    r = api.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit is 2000" in r.json()["error"]["message"]
+    r = api.post("/v1/chat/completions", content=iter([big[:1000], big[1000:]]))
+    assert r.status_code == 413 and "2000" in r.json()["error"]["message"]
+    for bad, what in [(b"\xff\xfe", "not valid JSON"), (b'{"prompt": "hi", "temperature": NaN}', "not valid JSON"),
+                      (b'{"prompt": "\\ud800"}', "surrogate"), (b'{"prompt": ""}', "prompt")]:
+        r = api.post("/v1/completions", content=bad)
+        assert r.status_code == 400 and what in r.json()["error"]["message"], (bad, r.text)
+    r = api.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})  # none of that left it busy
+    assert r.status_code == 200, r.text
+
+
+def test_servers_listen_on_loopback_only_and_log_privately(pool):
+    import os
+    import stat
+    import warnings
+
+    for s in pool.servers:
+        assert s.host == "127.0.0.1" and listening_addresses(s.port) == {"127.0.0.1"}
+        mode = stat.S_IMODE(os.stat(s.log_path.parent).st_mode)
+        assert mode & 0o077 == 0 and s.log_path.parent != Path(tempfile.gettempdir()), oct(mode)
+    spec = servers.ServerSpec("x", "smollm2-135m-instruct")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        servers.ExpertServer(spec, port=8, host="192.0.2.1")  # (not started)
+    assert any("no authentication" in str(w.message) for w in seen)
+
+
+def test_coordinator_options_are_checked_and_named():
+    for kw, param in [({"deadline_s": float("nan")}, "deadline_s"), ({"deadline_s": -1}, "deadline_s"),
+                      ({"energy_j": float("nan")}, "energy_j"), ({"timeout": float("inf")}, "timeout"),
+                      ({"timeout": 0}, "timeout"),
+                      ({"top_n": 0}, "top_n"), ({"top_k": True}, "top_k"), ({"remainder": "x"}, "remainder")]:
+        with pytest.raises(InputError) as info:
+            Coordinator([ExpertClient("http://127.0.0.1:1", "a")], **kw)
+        assert info.value.param == param
+    with pytest.raises(InputError, match="max_body_bytes"):
+        Limits(max_body_bytes=0)
 
 
 def test_cli_generate_against_the_servers(pool, tmp_path):
@@ -286,6 +460,11 @@ def test_cli_serve_experts_and_serve(tmp_path):
             except httpx.ConnectError:
                 time.sleep(0.3)
         assert r.status_code == 200 and r.json()["moe2"]["selected"] == ["smollm2-135m-instruct"]
+        # both the expert server and the endpoint listen on loopback only, by default
+        assert listening_addresses(base) == {"127.0.0.1"} and listening_addresses(port) == {"127.0.0.1"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=b" " * (Limits().max_body_bytes + 1),
+                       timeout=30)
+        assert r.status_code == 413
     finally:
         for proc in (api, experts):
             if proc is not None:
@@ -310,6 +489,14 @@ def test_parsing_and_inputs_without_servers():
     assert native.parse(new) == pytest.approx({" a": 0.6, " b": 0.3}) == native.parse(old)
     assert native.parse({"completion_probabilities": [], "stop": True}) == {fusion.STOP: 1.0}
     assert native.payload("x", 4, None)["n_probs"] == 4
+    for bad in ({"choices": [{"logprobs": {"top_logprobs": [{" a": 800.0}]}}]},   # exp overflows
+                {"choices": [{"logprobs": {"top_logprobs": [{" a": "x"}]}}]},
+                {"choices": [{"logprobs": {"top_logprobs": [{" a": None}]}, "finish_reason": "length"}]},
+                {"choices": ["text"]}):
+        with pytest.raises(ExpertFailed):
+            api.parse(bad)
+    with pytest.raises(ExpertFailed):
+        native.parse({"completion_probabilities": [{"probs": [{"tok_str": "a", "prob": float("nan")}]}]})
     assert [c.name for c in clients_from_urls("a=http://h:1, http://h:2")] == ["a", "h:2"]
     with pytest.raises(InputError, match="experts"):
         clients_from_urls("ftp://h:1")

@@ -106,3 +106,29 @@ def test_bad_input_names_the_parameter():
         fusion.top_k_mask([1.0, 2.0], 0)
     with pytest.raises(InputError, match="temperature"):
         fusion.choose(fusion.fuse([{"a": 1.0}], [1.0]), -1.0)
+
+
+def test_extreme_numbers_found_by_fuzzing():
+    """Regressions from tests/test_fuzz.py: each of these gave NaN, zero weights or a crash before."""
+    from moe2lib import gating
+
+    # finite gates whose sum overflows: weights were all 0 (not a distribution)
+    np.testing.assert_allclose(fusion.subset_weights([1e308, 1e308], [True, True]), [0.5, 0.5])
+    with pytest.raises(InputError, match="overflows"):
+        gating.subset_weights([1e308, 1e308], [True, True])
+    # scaling uses the subset's own largest value (a huge gate outside S must not underflow the members)
+    np.testing.assert_allclose(fusion.subset_weights([9.4e-284, 3.8e40, 0.0], [True, False, True]), [1, 0, 0])
+    # every weighted probability underflows: the fused distribution was NaN
+    f = fusion.fuse([{"a": 5e-324}, {"a": 5e-324}], [0.5, 0.5], remainder="uniform", prefix=False)
+    assert f.candidates == ["a"] and f.probs.tolist() == [1.0]
+    # a tiny temperature: log p / T was -inf for every candidate, then NaN; now the argmax (ties: at random)
+    f = fusion.fuse([{"a": 0.3, "b": 0.7}], [1.0])
+    assert fusion.choose(f, 1e-310, np.random.default_rng(0)) == "b"
+    for t in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match="temperature"):
+            fusion.choose(f, t)
+    for bad in ({"a": float("inf")}, {"a": float("nan"), "b": 0.5}):
+        with pytest.raises(InputError, match="top"):
+            fusion.fuse([bad], [1.0])
+    with pytest.raises(InputError, match="top_k"):
+        fusion.top_k_mask([1.0, 2.0], True)
