@@ -130,6 +130,12 @@ class LlamaServerCompletion(ExpertAPI):
         return {"prompt": text, "n_predict": 1, "n_probs": top_n, "temperature": 0.0, "cache_prompt": True}
 
     def parse(self, js):
+        try:
+            return self._parse(js)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ExpertFailed(f"unreadable answer: {str(js)[:200]}") from exc
+
+    def _parse(self, js):
         probs = js.get("completion_probabilities") or []
         if not probs:
             if js.get("stop"):
@@ -181,11 +187,11 @@ class ExpertClient:
         top = await self._request(client, text, top_n, timeout)
         if top == {fusion.STOP: 1.0} and not self.end_ids and self.api == "openai" and not self._learned:
             # the sampled token was EOS, so no logprobs came back: learn the end tokens once and ask again
-            self._learned = True
             try:
                 self.end_ids = await self.learn_end_ids(client, timeout)
             except (httpx.HTTPError, KeyError, TypeError, ValueError):
-                pass
+                pass  # the server cannot say; not asked again
+            self._learned = True  # not reached when the step's time bound cancels the lookup: asked again
             if self.end_ids:
                 top = await self._request(client, text, top_n, timeout)
         return top
@@ -733,7 +739,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused (BodyTooLarge) as soon as its declared or received size passes ``max_bytes``."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        if not (declared.isascii() and declared.strip().isdigit()):
             raise InputError(f"bad Content-Length {declared[:40]!r}")
         if int(declared) > max_bytes:
             raise BodyTooLarge(f"the request body has {int(declared)} bytes; the limit is {max_bytes}")

@@ -338,7 +338,8 @@ def read_registry(path) -> list[ExpertSpec]:
         if adapter is not None:
             adapter = Path(adapter) if Path(adapter).is_absolute() else path.resolve().parent / adapter
             if not adapter.exists():
-                raise InputError(f"adapter file {adapter} does not exist", path=path, param=f"{where}.adapter")
+                raise InputError(f"adapter file {adapter} does not exist (adapters are built by the experts stage, "
+                                 "`bash run.sh reproduce`, and are not committed)", path=path, param=f"{where}.adapter")
             adapter = str(adapter)
         specs.append(ExpertSpec(e["name"], e["base_model"], adapter, e.get("backend", "llama_cpp"),
                                 e["cluster"], e["device"]))

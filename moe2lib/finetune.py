@@ -28,6 +28,7 @@ from .data import Question, format_prompt
 from .errors import InputError
 
 DONE = "meta.json"  # written last into an expert's folder: the fine-tuning is complete
+ENCODING = "whole-prompts-over-cutoff-dropped"  # how examples are built; part of the reuse fingerprint
 
 
 class LoraFineTuner:
@@ -148,7 +149,7 @@ class LoraFineTuner:
     # -- training --------------------------------------------------------------------------------------
     def fingerprint(self, questions: Sequence[Question]) -> str:
         """What a finished folder must match to be reused: parameters and the training questions."""
-        return artifacts.digest({"params": self.get_params(), "questions": [q.source for q in questions],
+        return artifacts.digest({"params": self.get_params(), "encoding": ENCODING, "questions": [q.source for q in questions],
                                  "prompts": [format_prompt(q) for q in questions],
                                  "answers": [q.answer for q in questions]})
 
@@ -166,7 +167,7 @@ class LoraFineTuner:
         if out_dir is not None:
             out_dir = Path(out_dir)
             done = out_dir / DONE
-            if done.exists():
+            if done.exists() and (out_dir / "adapter_model.safetensors").exists():  # a marker alone is no adapter
                 meta = artifacts.read_json(done)
                 if meta.get("fingerprint") == key:
                     self._from_meta(meta, out_dir)

@@ -285,8 +285,8 @@ def regenerate(artifacts_dir, figures_dir, stages: Sequence[str] | None = None, 
     """Redraw the figures of ``stages`` (default: all) into ``figures_dir`` and rewrite the tables stage's
     CSV and Markdown files in place, from the artifacts under ``artifacts_dir`` alone.
 
-    A stage without ``meta.json`` (not run, or not finished), or lacking a file it is drawn from, is skipped
-    with one line in ``log``.
+    A stage without ``meta.json`` (not run, or not finished), or lacking or failing to read a file it is drawn
+    from, is skipped with one line in ``log``.
     """
     t0 = time.perf_counter()
     art = Path(artifacts_dir)
@@ -304,8 +304,8 @@ def regenerate(artifacts_dir, figures_dir, stages: Sequence[str] | None = None, 
         before = len(out.written)
         try:
             STAGES[name](art, out)
-        except MissingArtifact as exc:
-            report.skipped[name] = str(exc)
+        except (InputError, KeyError, ValueError) as exc:  # absent, outdated or damaged: the other stages go on
+            report.skipped[name] = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
             done = len(out.written) - before
             log(f"[{name}] {f'stopped after {done} files' if done else 'skipped'}: {exc}")
     report.seconds = time.perf_counter() - t0

@@ -97,6 +97,10 @@ def test_seeded_training_is_deterministic_learns_the_letter_and_resumes(question
     (tmp_path / "b" / "meta.json").unlink()  # as if killed before the folder was complete
     redo = tuner(seed=0).fit(questions, out_dir=tmp_path / "b")
     assert not redo.skipped_ and (tmp_path / "b" / "meta.json").exists()
+    # a clone carries meta.json and history.json (small, committed) but no weights: trained again
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    fresh = tuner(seed=0).fit(questions, out_dir=tmp_path / "a")
+    assert not fresh.skipped_ and (tmp_path / "a" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.glob(".b.*.tmp"))
     assert [h["loss"] for h in redo.history_] == [h["loss"] for h in a.history_]
     # other parameters make it a different expert: trained again, not reused

@@ -199,6 +199,27 @@ def test_a_server_answer_is_a_distribution_or_an_expert_failure(top_logprobs, fi
     fusion.fuse([got], [1.0])  # and the fusion maths accepts it
 
 
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=4)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                             st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                     max_leaves=8)
+_ENTRY = st.dictionaries(st.sampled_from(["token", "logprob", "tok_str", "prob", "x"]), _JSON, max_size=3)
+
+
+@settings(max_examples=150, **FAST)
+@given(st.one_of(_JSON, st.fixed_dictionaries({}, optional={
+    "completion_probabilities": st.lists(st.dictionaries(st.sampled_from(["top_logprobs", "probs"]),
+                                                         st.lists(_ENTRY, max_size=3), max_size=2), max_size=2),
+    "stop": st.booleans()})))
+def test_a_llama_server_answer_is_a_distribution_or_an_expert_failure(js):
+    """The same for llama.cpp's own /completion answers: malformed ones drop the expert, nothing else escapes."""
+    try:
+        got = APIS["llama-server"].parse(js)
+    except ExpertFailed:
+        return
+    assert got and all(math.isfinite(v) and v >= 0 for v in got.values()) and sum(got.values()) > 0
+
+
 # ============================================================================ SMO
 
 
