@@ -331,9 +331,8 @@ def read_registry(path) -> list[ExpertSpec]:
         if e["name"] in seen:
             raise InputError(f"duplicate expert name {e['name']!r}", path=path, param=f"{where}.name")
         seen.add(e["name"])
-        if e["base_model"] not in models.MODELS and not Path(e["base_model"]).exists():
-            raise InputError(f"unknown base model {e['base_model']!r}; known: {', '.join(sorted(models.MODELS))} "
-                             "(or a path to a local GGUF)", path=path, param=f"{where}.base_model")
+        if why := models.unusable(e["base_model"], "llm"):
+            raise InputError(why, path=path, param=f"{where}.base_model")
         adapter = e["adapter"]
         if adapter is not None:
             adapter = Path(adapter) if Path(adapter).is_absolute() else path.resolve().parent / adapter

@@ -214,6 +214,22 @@ def env_var(name: str) -> str:
     return "MOE2_MODEL_" + "".join(c if c.isalnum() else "_" for c in name).upper()
 
 
+def unusable(name, kind: str) -> str | None:
+    """Why ``name`` cannot serve as a ``kind`` model (not registered, listing the known ones; wrong kind),
+    or None: a registered name, a ``MOE2_MODEL_<NAME>`` override or a path to a local file."""
+    if not isinstance(name, str):
+        return f"a model name is a string, got {type(name).__name__} {name!r}"
+    spec = MODELS.get(name)
+    if spec is None:
+        if os.environ.get(env_var(name)) or Path(name).expanduser().exists():
+            return None
+        known = sorted(m for m, s in MODELS.items() if s.kind == kind)
+        return f"unknown {kind} model {name!r}; known: {', '.join(known)} (or a path to a local file)"
+    if spec.kind != kind:
+        return f"model {name!r} is registered as a {spec.kind!r} model, not {kind!r}"
+    return None
+
+
 def get(name: str, kind: str | None = None) -> ModelSpec:
     """The registered spec of ``name``; unknown names raise an error listing the known ones."""
     spec = MODELS.get(name)

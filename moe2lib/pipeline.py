@@ -224,35 +224,16 @@ def _bad_item(value, default) -> tuple[int, str] | None:
     return None
 
 
-def _unknown_model(name, kind: str) -> str | None:
-    """Why a model name in a profile is not usable: not registered (listing the known ones), wrong kind."""
-    import os
-
-    from . import models
-
-    if not isinstance(name, str):
-        return f"a model name is a string, got {type(name).__name__} {name!r}"
-    spec = models.MODELS.get(name)
-    if spec is None:
-        if os.environ.get(models.env_var(name)) or Path(name).expanduser().exists():
-            return None
-        known = sorted(m for m, s in models.MODELS.items() if s.kind == kind)
-        return f"unknown {kind} model {name!r}; known: {', '.join(known)} (or a path to a local file)"
-    if spec.kind != kind:
-        return f"model {name!r} is registered as a {spec.kind!r} model, not {kind!r}"
-    return None
-
-
 def _name_errors(key: str, value) -> tuple[tuple, str] | None:
     """(position within the parameter, why) of the first unknown model, device or repeated expert name."""
-    from . import devices
+    from . import devices, models
 
     if key == "models" and isinstance(value, list):
         for i, name in enumerate(value):
-            if why := _unknown_model(name, "llm"):
+            if why := models.unusable(name, "llm"):
                 return (i,), why
     elif key == "embedding_model":
-        if why := _unknown_model(value, "embedding"):
+        if why := models.unusable(value, "embedding"):
             return (), why
     elif key == "layout" and isinstance(value, list):
         names = set()
@@ -265,7 +246,7 @@ def _name_errors(key: str, value) -> tuple[tuple, str] | None:
             if name in names:
                 return (i, 0), f"expert name {name!r} is given twice"
             names.add(name)
-            if why := _unknown_model(base, "llm"):
+            if why := models.unusable(base, "llm"):
                 return (i, 1), why
             if not isinstance(cluster, int) or isinstance(cluster, bool) or cluster < 0:
                 return (i, 2), f"a cluster is a non-negative integer, got {cluster!r}"

@@ -100,5 +100,5 @@ def test_registry_round_trip_and_errors(tmp_path):
     raw[0]["adapter"] = None
     raw[1]["base_model"] = "smolm2-135m"
     path.write_text(json.dumps(raw))
-    with pytest.raises(InputError, match=r"experts\.json, parameter '\[1\]\.base_model': unknown base model 'smolm2"):
+    with pytest.raises(InputError, match=r"experts\.json, parameter '\[1\]\.base_model': unknown llm model 'smolm2"):
         read_registry(path)
