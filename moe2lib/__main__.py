@@ -192,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Redraw each stage's figures into figures/ and rewrite the tables stage's CSV "
                                    "and Markdown files, from <out>/artifacts/ alone, with the library functions "
                                    "the notebooks call: no model, server or training, seconds for a whole run. "
-                                   "A stage whose artifacts are absent is skipped with one line; figures the "
-                                   "artifacts cannot give back are listed at the end.")
+                                   "A stage whose artifacts are absent or unreadable is skipped with one line.")
     f.add_argument("--profile", default="default",
                    help="whose artifacts: smoke, default, paper, or a YAML file as for `reproduce` "
                         "(default: %(default)s)")
@@ -229,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir")
     c.set_defaults(func=_score)
 
-    se = sub.add_parser("serve-experts", help="start expert servers (llama-cpp-python), on loopback unless --host says otherwise",
+    se = sub.add_parser("serve-experts",
+                        help="start expert servers (llama-cpp-python), on loopback unless --host says otherwise",
                         description="Start one llama.cpp server per expert (adapters from experts.json when it "
                                     "exists, else the packaged base models) and print their URLs.")
     se.add_argument("--experts", default="artifacts/experts/experts.json",

@@ -149,7 +149,8 @@ class LoraFineTuner:
     # -- training --------------------------------------------------------------------------------------
     def fingerprint(self, questions: Sequence[Question]) -> str:
         """What a finished folder must match to be reused: parameters and the training questions."""
-        return artifacts.digest({"params": self.get_params(), "encoding": ENCODING, "questions": [q.source for q in questions],
+        return artifacts.digest({"params": self.get_params(), "encoding": ENCODING,
+                                 "questions": [q.source for q in questions],
                                  "prompts": [format_prompt(q) for q in questions],
                                  "answers": [q.answer for q in questions]})
 

@@ -151,3 +151,33 @@ def choose(fused: Fused, temperature: float = 0.0, rng: np.random.Generator | No
     q /= q.sum()
     rng = rng if rng is not None else np.random.default_rng()
     return fused.candidates[int(rng.choice(len(q), p=q))]
+
+
+def steps_figure(steps: Sequence[dict]):
+    """The first 8 steps of a fused generation (``trace.json``'s steps): the fused top-5 candidates as bars
+    (the one chosen dark) and each expert's own renormalised probability of them as markers."""
+    import matplotlib.pyplot as plt
+
+    steps = list(steps)[:8]
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6), squeeze=False)
+    names = list(steps[0]["weights"]) if steps else []
+    for ax, s in zip(axes.ravel(), steps):
+        cands = s["fused_top"][:5]
+        y = np.arange(len(cands))
+        ax.barh(y, [p for _, p in cands], color=["#1f4e79" if c == s["text"] else "#9dc3e6" for c, _ in cands])
+        for j, n in enumerate(names):
+            own = dict(s["expert_top"].get(n, []))
+            mass = sum(own.values()) or 1.0
+            ax.scatter([own.get(c, 0.0) / mass for c, _ in cands], y, marker="o^sv"[j % 4], s=25, zorder=3,
+                       label=f"{n} (w={s['weights'].get(n, 0):.2f})")
+        ax.set_yticks(y, [repr(c)[1:-1] or "<end>" for c, _ in cands])
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(f"step {s['index']}: {s['text']!r}", fontsize=9)
+    for ax in axes.ravel()[len(steps):]:
+        ax.axis("off")
+    if steps:
+        axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Fused next-token distribution (29) over the experts' top-n strings")
+    fig.tight_layout()
+    return fig

@@ -344,6 +344,14 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
     return outcome
 
 
+def save_figure(fig, target) -> Path:
+    """A matplotlib figure written atomically, as every stage writes its figures (format from the suffix)."""
+    target = Path(target)
+    with artifacts.atomic_path(target) as tmp:
+        fig.savefig(tmp, format=target.suffix.lstrip("."), dpi=130, bbox_inches="tight")
+    return target
+
+
 class StageRun:
     """Bookkeeping of one stage inside its notebook: output paths, timing, and meta.json at the end."""
 
@@ -362,10 +370,7 @@ class StageRun:
 
     def figure(self, fig, filename: str) -> Path:
         """Save a matplotlib figure atomically into the figures folder."""
-        target = self.figures / filename
-        with artifacts.atomic_path(target) as tmp:
-            fig.savefig(tmp, format=target.suffix.lstrip("."), dpi=130, bbox_inches="tight")
-        return target
+        return save_figure(fig, self.figures / filename)
 
     def finish(self, inputs=(), **extra) -> dict:
         return artifacts.write_meta(self.dir, params=self.params, inputs=inputs,

@@ -19,14 +19,12 @@ import numpy as np
 from . import artifacts
 from .errors import InputError
 
-class MissingArtifact(InputError):
-    """A file a figure is drawn from is absent; :func:`regenerate` skips the stage instead of failing."""
-
 
 def _need(path) -> Path:
+    """``path``, or InputError when it is absent (:func:`regenerate` then skips the stage)."""
     path = Path(path)
     if not path.exists():
-        raise MissingArtifact("not found", path=path)
+        raise InputError("not found", path=path)
     return path
 
 
@@ -47,7 +45,8 @@ class Writer:
         self.log = log
         self.written: list[Path] = []
 
-    def _done(self, path: Path) -> Path:
+    def wrote(self, path: Path) -> Path:
+        """Record (and log) a file written."""
         self.written.append(path)
         self.log(f"wrote {_show(path)}")
         return path
@@ -56,16 +55,12 @@ class Writer:
         """Save as the notebooks do (format, dpi, bounding box, atomic write), then close the figure."""
         import matplotlib.pyplot as plt
 
-        from .pipeline import StageRun
+        from .pipeline import save_figure
 
         try:
-            # StageRun.figure needs only .figures; StageRun() itself would clear the stage's meta.json
-            return self._done(StageRun.figure(self, fig, filename))
+            return self.wrote(save_figure(fig, self.figures / filename))
         finally:
             plt.close(fig)
-
-    def text(self, path, text: str) -> Path:
-        return self._done(artifacts.write_text(path, text))
 
 
 def _show(path: Path) -> str:
@@ -175,20 +170,6 @@ def draw_gating(art: Path, out: Writer) -> None:
     out.figure(evaluation.theorems_figure(metrics["theorem1"], metrics["theorem2"]["test"]), "gating_theorems.png")
 
 
-def table_from_cells(cells: Sequence[dict]):
-    """A paper table (methods x energy budgets, accuracy in %) from its cell records, laid out as
-    :func:`moe2lib.tables.testbed_table` lays it out, so its CSV is the notebook's byte for byte."""
-    import pandas as pd
-
-    from .tables import METHODS
-
-    energy = [math.inf if c["energy_budget_j"] is None else float(c["energy_budget_j"]) for c in cells]
-    table = pd.DataFrame({f"{e:g}": [100 * _nan(c["accuracy"][m]) for m in METHODS] for e, c in zip(energy, cells)},
-                         index=list(METHODS))
-    table.index.name = "method"
-    return table
-
-
 def draw_tables(art: Path, out: Writer) -> None:
     """The CSV and Markdown tables and their heatmaps from metrics.json's cell records; the Pareto figures
     from every subset's accuracy, recomputed (no model: a fused argmax) from the scoring, gating and
@@ -199,18 +180,13 @@ def draw_tables(art: Path, out: Writer) -> None:
     params = _read_json(d / artifacts.META_NAME)["params"]
     metrics = _read_json(d / "metrics.json")
     results = metrics["tables"]
-    parts = []
-    for mode in params["modes"]:
-        for label in tables.delay_labels(params["delay_budgets"]):
-            name = f"{mode}_delay-{label}"
-            if name not in results:
-                raise InputError(f"no table {name!r}; it has {', '.join(results)}", path=d / "metrics.json")
-            table = table_from_cells(results[name]["cells"])
-            out.text(d / f"{name}.csv", table.to_csv(float_format="%.2f"))
-            D = results[name]["delay_budget_s"]
-            D = math.inf if D is None else D
-            parts.append(tables.markdown(table, f"{mode}, delay budget {label} ({D:.3g} s)"))
-    out.text(d / "tables.md", "\n".join(parts))
+    names = [f"{mode}_delay-{label}"
+             for mode in params["modes"] for label in tables.delay_labels(params["delay_budgets"])]
+    for name in names:
+        if name not in results:
+            raise InputError(f"no table {name!r}; it has {', '.join(results)}", path=d / "metrics.json")
+    for path in tables.write_tables(d, {name: results[name] for name in names}):
+        out.wrote(path)
     out.figure(tables.heatmap_figure(results, metrics["experts"]), "tables_heatmaps.png")
 
     train, test, experts = tables.load_splits(_need(art / "scoring" / "scores_mmlu.npz"),
@@ -224,39 +200,11 @@ def draw_tables(art: Path, out: Writer) -> None:
         out.figure(tables.pareto_figure(masks, delay, energy, acc, f"{mode} ({source})"), f"tables_pareto_{mode}.png")
 
 
-def fusion_steps_figure(steps: Sequence[dict]):
-    """The first 8 steps of a fused generation (``trace.json``'s steps): the fused top-5 candidates as bars
-    (the one chosen dark) and each expert's own renormalised probability of them as markers."""
-    import matplotlib.pyplot as plt
-
-    steps = list(steps)[:8]
-    fig, axes = plt.subplots(2, 4, figsize=(15, 6), squeeze=False)
-    names = list(steps[0]["weights"]) if steps else []
-    for ax, s in zip(axes.ravel(), steps):
-        cands = s["fused_top"][:5]
-        y = np.arange(len(cands))
-        ax.barh(y, [p for _, p in cands], color=["#1f4e79" if c == s["text"] else "#9dc3e6" for c, _ in cands])
-        for j, n in enumerate(names):
-            own = dict(s["expert_top"].get(n, []))
-            mass = sum(own.values()) or 1.0
-            ax.scatter([own.get(c, 0.0) / mass for c, _ in cands], y, marker="o^sv"[j % 4], s=25, zorder=3,
-                       label=f"{n} (w={s['weights'].get(n, 0):.2f})")
-        ax.set_yticks(y, [repr(c)[1:-1] or "<end>" for c, _ in cands])
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_title(f"step {s['index']}: {s['text']!r}", fontsize=9)
-    for ax in axes.ravel()[len(steps):]:
-        ax.axis("off")
-    if steps:
-        axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Fused next-token distribution (29) over the experts' top-n strings")
-    fig.tight_layout()
-    return fig
-
-
 def draw_fusion(art: Path, out: Writer) -> None:
     """The fused generation's first steps, from trace.json."""
-    out.figure(fusion_steps_figure(_read_json(art / "fusion" / "trace.json")["steps"]), "fusion_steps.png")
+    from . import fusion
+
+    out.figure(fusion.steps_figure(_read_json(art / "fusion" / "trace.json")["steps"]), "fusion_steps.png")
 
 
 STAGES: dict[str, Callable[[Path, Writer], None]] = {

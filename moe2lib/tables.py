@@ -130,14 +130,43 @@ def _with_table_loss(split: Split, K: int) -> Split:
 def testbed_table(train: Split, test: Split, delay, energy, delay_budget: float,
                   energy_budgets: Sequence[float], **options):
     """One paper table: rows are the methods, columns the energy budgets; also the cells themselves."""
-    import pandas as pd
-
     train = _with_table_loss(train, np.size(delay))
     cells = [budget_cell(train, test, delay, energy, delay_budget, e, **options) for e in energy_budgets]
-    table = pd.DataFrame({f"{c.energy_budget:g}": [100 * c.accuracy[m] for m in METHODS] for c in cells},
+    return _layout([c.energy_budget for c in cells], [c.accuracy for c in cells]), cells
+
+
+def _layout(energy_budgets, accuracies):
+    """Tables II-IV's layout: methods x energy budgets, accuracy in %."""
+    import pandas as pd
+
+    table = pd.DataFrame({f"{e:g}": [100 * a[m] for m in METHODS] for e, a in zip(energy_budgets, accuracies)},
                          index=list(METHODS))
     table.index.name = "method"
-    return table, cells
+    return table
+
+
+def table_from_records(records: Sequence[dict]):
+    """A table back from its :func:`cell_records` (null: no energy budget, or accuracy NaN)."""
+    return _layout([math.inf if r["energy_budget_j"] is None else float(r["energy_budget_j"]) for r in records],
+                   [{m: math.nan if v is None else float(v) for m, v in r["accuracy"].items()} for r in records])
+
+
+def write_tables(out_dir, results: dict) -> list:
+    """Each table of ``results`` (``{"<mode>_delay-<label>": {"delay_budget_s", "cells"}}``, in order) as
+    ``<name>.csv``, and all of them in ``tables.md``: the tables stage's files, from its records alone."""
+    from pathlib import Path
+
+    from . import artifacts
+
+    out_dir, paths, parts = Path(out_dir), [], []
+    for name, result in results.items():
+        table = table_from_records(result["cells"])
+        paths.append(artifacts.write_text(out_dir / f"{name}.csv", table.to_csv(float_format="%.2f")))
+        mode, label = name.rsplit("_delay-", 1)
+        D = math.inf if result["delay_budget_s"] is None else result["delay_budget_s"]
+        parts.append(markdown(table, f"{mode}, delay budget {label} ({D:.3g} s)"))
+    paths.append(artifacts.write_text(out_dir / "tables.md", "\n".join(parts)))
+    return paths
 
 
 def rescale_budgets(delay_budgets, energy_budgets, reference: tuple, target: tuple):

@@ -32,8 +32,8 @@ MODEL = "smollm2-135m-instruct"
 class _KillWhen(threading.Thread):
     """A child Python running ``code``, SIGKILLed from this thread as soon as ``condition`` holds.
 
-    The test meanwhile computes its uninterrupted reference on the other core; ``killed()`` waits for
-    the kill and fails the test (with the child's log) if the child ended first or took too long.
+    ``beside()`` meanwhile computes the test's uninterrupted reference on the other core, then waits for the
+    kill and fails the test (with the child's log) if the child ended first or took too long.
     """
 
     def __init__(self, code: str, *args, condition, log: Path, timeout: float = 300):
@@ -58,19 +58,23 @@ class _KillWhen(threading.Thread):
                     break
                 time.sleep(0.02)
             _kill(self.proc)
-        except BaseException as exc:  # reported by killed(), in the test's thread
+        except BaseException as exc:  # reported by beside(), in the test's thread
             self.error = repr(exc)
 
-    def abort(self) -> None:
-        """Kill the child now (the test failed before the awaited state)."""
-        self.condition = lambda: True
-        self.join()
-
-    def killed(self) -> None:
+    def beside(self, reference, *args):
+        """``reference(*args)`` (the uninterrupted run, on the other core), then wait for the kill; if the
+        reference fails, the child is killed at once and the failure raised."""
+        try:
+            result = reference(*args)
+        except BaseException:
+            self.condition = lambda: True
+            self.join()
+            raise
         self.join()
         if self.error:
             pytest.fail(f"{self.error}:\n{self.log.read_text(errors='replace')[-3000:]}")
         assert self.proc.returncode == -signal.SIGKILL
+        return result
 
 
 def _descendants(pid: int) -> list[int]:
@@ -157,12 +161,7 @@ def test_scoring_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
     part = tmp_path / "scores.npz.partial"
     child = _KillWhen("import test_reliability as t; t.score_short(sys.argv[1])", out,
                       condition=lambda: (part / "expert0.npz").exists(), log=tmp_path / "child.log")
-    try:  # the uninterrupted reference, on the other core
-        clean = score_short(tmp_path / "clean.npz")
-    except BaseException:
-        child.abort()
-        raise
-    child.killed()
+    clean = child.beside(score_short, tmp_path / "clean.npz")  # the uninterrupted reference
 
     assert not out.exists()  # the final file is written only when every question is scored
     assert _results(part) == ["expert0.npz", "manifest.json"]  # both whole; a temporary is no result
@@ -206,12 +205,7 @@ def test_finetuning_killed_after_one_expert_reuses_it(tmp_path, monkeypatch):
     root = tmp_path / "peft"
     child = _KillWhen("import test_reliability as t; t.train_two(sys.argv[1])", root,
                       condition=lambda: (root / "e0" / "meta.json").exists(), log=tmp_path / "child.log")
-    try:  # the uninterrupted reference, on the other core
-        ref = train_two(tmp_path / "ref")
-    except BaseException:
-        child.abort()
-        raise
-    child.killed()
+    ref = child.beside(train_two, tmp_path / "ref")  # the uninterrupted reference
 
     assert not (root / "e1").exists()  # the second expert was in training: no folder that looks finished
     assert set(_results(root)) >= {"e0/meta.json", "e0/history.json", "e0/adapter_model.safetensors"}
@@ -275,12 +269,7 @@ def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
                       condition=lambda: any(stage.glob(".01_base_models.ipynb.*")) and (part / "expert0.npz").exists(),
                       log=tmp_path / "child.log")
     ref = tmp_path / "ref"
-    try:  # the uninterrupted reference, on the other core
-        reproduce_base_models(cfg, ref)
-    except BaseException:
-        child.abort()
-        raise
-    child.killed()
+    child.beside(reproduce_base_models, cfg, ref)  # the uninterrupted reference
 
     assert not (stage / "meta.json").exists()  # not complete
     assert _results(stage) == ["scores_mmlu.npz.partial/expert0.npz", "scores_mmlu.npz.partial/manifest.json"]

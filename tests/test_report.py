@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from moe2lib import artifacts, report
+from moe2lib import artifacts, fusion, report
 from moe2lib.errors import InputError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -87,7 +87,7 @@ def test_fusion_figure_draws_the_steps_a_trace_has(smoke_run):
     import matplotlib.pyplot as plt
 
     trace = json.loads((smoke_run[0] / "artifacts" / "fusion" / "trace.json").read_text())
-    fig = report.fusion_steps_figure(trace["steps"][:3])
+    fig = fusion.steps_figure(trace["steps"][:3])
     assert sum(ax.axison for ax in fig.axes) == 3
     plt.close(fig)
 
