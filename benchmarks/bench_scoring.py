@@ -7,6 +7,24 @@ prompts (last-position logits only) with the llama.cpp backend — on the packag
 and on copies re-encoded by llama.cpp's quantizer — and with the transformers backend (fp32,
 batched with left padding), and prints prompt tokens/s, the llama.cpp/transformers ratio and how
 closely the two backends agree (max |Δp| over the answer letters, argmax agreement).
+
+    python benchmarks/bench_scoring.py --choice [--choice-n 40] [--threads 2]
+
+The choice path instead: on the same MMLU-test and ARC-Easy questions (half each), questions/s of
+the letter path (one prompt, logits at its last token) next to the choice path
+(``continuation_logprobs``: each choice's text after "Question: ...\nAnswer:", shared prefix decoded
+once) and the naive choice path (each choice decoded alone), and the choice path's cost against a
+plain prefill: its time over the time ``Llama.eval`` takes for one sequence of as many tokens as the
+question's context plus all its continuations (goal: at most 1.3).
+
+    python benchmarks/bench_scoring.py --experts [--expert-n 40] [--threads 2]
+
+Expert rows instead: questions/s of the letter path on the same MMLU prompts for the base model
+(packaged file, F16 copy) and for an expert — a random LoRA adapter of the experts' shape (``--rank``,
+``--modules``; a trained adapter costs the same) — applied by llama.cpp at run time and merged into the
+weights once (``weights="merged"``, ``lora.merge_gguf``; F16 and Q8_0 merges). Each prompt is timed on
+every row in turn, for ``--rounds`` rounds, keeping each prompt's best time: load on a shared machine
+drifts over minutes. Prints merged-expert/base ratios (goal: >= 0.9 of the base).
 """
 
 from __future__ import annotations
@@ -16,7 +34,7 @@ import time
 
 import numpy as np
 
-from moe2lib import data, experts, models
+from moe2lib import data, experts, lora, models
 
 
 def timed(expert, prompts):
@@ -24,6 +42,127 @@ def timed(expert, prompts):
     t0 = time.perf_counter()
     probs = expert.choice_probs(prompts)
     return time.perf_counter() - t0, probs
+
+
+def choice_questions(n: int, seed: int):
+    """n questions, half MMLU test and half ARC-Easy, as ChoiceItems (moe2lib.tasks)."""
+    from moe2lib import tasks
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name, k in (("mmlu", n // 2), ("arc_easy", n - n // 2)):
+        items = tasks.load_task(name)
+        out += [items[i] for i in sorted(rng.choice(len(items), size=k, replace=False))]
+    return out
+
+
+def letter_prompt(item) -> str:
+    q = data.Question(item.text, tuple(c.strip() for c in item.continuations), item.gold, item.task)
+    return data.format_prompt(q)
+
+
+def choice_section(args):
+    """Letter path vs choice path (shared prefix, and naive) on the same questions; the prefill cost ratio."""
+    items = choice_questions(args.choice_n, args.seed)
+    reqs = [it.pairs() for it in items]
+    gold = np.array([it.gold for it in items])
+    print(f"\nchoice path: {len(items)} questions (MMLU test + ARC-Easy), {args.threads} threads; "
+          "timings are wall-clock on a shared machine\n")
+    header = (f"{'model':24s} {'path':22s} {'tokens':>7s} {'seconds':>8s} {'q/s':>6s} {'tok/s':>7s} {'acc':>6s}")
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        e = experts.LlamaCppExpert(name, n_threads=args.threads)
+        prompts = [letter_prompt(it) for it in items]
+        e.letter_logits(prompts[:2])
+        e.continuation_logprobs(reqs[:2])  # warm-up: weights paged in, the scoring context made
+        t0 = time.perf_counter()
+        letter = [e.letter_logits([p], n_choices=it.n_choices)[0] for p, it in zip(prompts, items)]
+        t_letter = time.perf_counter() - t0
+        n_letter = sum(e.count_tokens(p) for p in prompts)
+        t0 = time.perf_counter()
+        scores = e.continuation_logprobs(reqs)
+        t_choice = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        e.continuation_logprobs(reqs, shared=False)
+        t_naive = time.perf_counter() - t0
+        # tokens the choice path covers: each distinct context plus every continuation
+        seqs = e._choice_tokens(reqs)
+        counted = [sum(map(len, {tuple(ids[:st]) for ids, st in q})) + sum(len(ids) - st for ids, st in q)
+                   for q in seqs]
+        decoded = []
+        for q in seqs:
+            ids = [s for s, _ in q]
+            p = experts._common_prefix(ids)
+            decoded.append(p + sum(max(len(s) - 1 - p, 0) for s in ids))
+        # plain prefill of as many tokens as one sequence: the question's context, then all its continuations
+        plain = [(sum((list(ids[st:]) for ids, st in q), list(q[0][0][:q[0][1]])) * 2)[:n]
+                 for q, n in zip(seqs, counted)]
+        e.last_logits(plain[0])
+        t0 = time.perf_counter()
+        for ids in plain:
+            e.last_logits(ids)
+        t_plain = time.perf_counter() - t0
+        e.close()
+        char = np.array([(lp / [len(c) for _, c in r]).argmax() for (lp, _), r in zip(scores, reqs)])
+        acc_letter = np.mean([l.argmax() == g for l, g in zip(letter, gold)])
+        n_choice, n = sum(counted), len(items)
+        for path, tok, sec, acc in (("letter", n_letter, t_letter, acc_letter),
+                                    ("choice shared prefix", n_choice, t_choice, (char == gold).mean()),
+                                    ("choice naive", n_choice, t_naive, float("nan")),
+                                    ("plain prefill (eval)", n_choice, t_plain, float("nan"))):
+            print(f"{name:24s} {path:22s} {tok:7d} {sec:8.2f} {n / sec:6.2f} {tok / sec:7.0f} {acc:6.3f}")
+        print(f"{name:24s} choice/plain cost {t_choice / t_plain:.2f}x (goal <= 1.3), naive/shared "
+              f"{t_naive / t_choice:.2f}x, letter/choice q/s {t_choice / t_letter:.2f}x; decoded "
+              f"{sum(decoded)} of {n_choice} counted tokens (the shared prefix once, no last tokens)")
+
+
+def expert_section(args):
+    """Base (native, F16) vs expert (run-time adapter, merged): letter-path questions/s, best of rounds."""
+    import tempfile
+    from pathlib import Path
+
+    questions = data.load_mmlu("test")
+    prompts = [data.format_prompt(questions[i]) for i in data.stratified_sample(questions, args.expert_n, args.seed)]
+    print(f"\nexpert rows: {len(prompts)} MMLU test prompts, {args.threads} threads, random LoRA r={args.rank} on "
+          f"{args.modules}, best of {args.rounds} interleaved rounds; wall-clock on a shared machine\n")
+    header = f"{'model':24s} {'expert':28s} {'q/s':>6s} {'tok/s':>7s} {'vs base':>8s} {'vs F16':>7s}"
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            peft = lora.random_adapter(name, Path(tmp) / "peft", rank=args.rank, modules=args.modules.split(","))
+            adapter = str(lora.export_gguf(peft, models.locate(name, "llm"), Path(tmp) / "adapter.gguf"))
+            rows = {"base native": experts.LlamaCppExpert(name, weights="native", n_threads=args.threads),
+                    "base F16": experts.LlamaCppExpert(name, weights="F16", n_threads=args.threads),
+                    "expert runtime-adapter": experts.LlamaCppExpert(name, adapter, n_threads=args.threads),
+                    "expert runtime-adapter F16": experts.LlamaCppExpert(name, adapter, weights="F16",
+                                                                         n_threads=args.threads),
+                    f"expert merged ({lora.MERGE_DTYPE})": experts.LlamaCppExpert(name, adapter, weights="merged",
+                                                                                n_threads=args.threads)}
+            for dtype in {"F16", "Q8_0"} - {lora.MERGE_DTYPE}:
+                rows[f"expert merged ({dtype})"] = experts.LlamaCppExpert(
+                    str(lora.merge_gguf(adapter, name, dtype=dtype)), n_threads=args.threads)
+            n_tok = sum(rows["base native"].count_tokens(q) for q in prompts)
+            best = {label: np.full(len(prompts), np.inf) for label in rows}
+            for e in rows.values():
+                e.letter_logits(prompts[:3])  # warm-up: merge (cached), page in weights, allocate buffers
+            for _ in range(args.rounds):  # prompt by prompt, row after row: the machine's load drifts
+                for i, q in enumerate(prompts):
+                    for label, e in rows.items():
+                        t0 = time.perf_counter()
+                        e.letter_logits([q])
+                        best[label][i] = min(best[label][i], time.perf_counter() - t0)
+            for e in rows.values():
+                e.close()
+        rate = {label: len(prompts) / t.sum() for label, t in best.items()}
+        for label, r in rate.items():
+            print(f"{name:24s} {label:28s} {r:6.2f} {r * n_tok / len(prompts):7.0f} "
+                  f"{r / rate['base native']:8.2f} {r / rate['base F16']:7.2f}")
+        merged = rate[f"expert merged ({lora.MERGE_DTYPE})"]
+        print(f"{name:24s} merged expert / base: {merged / rate['base native']:.2f}x native, "
+              f"{merged / rate['base F16']:.2f}x F16 (goal >= 0.9); merged / run-time adapter "
+              f"{merged / rate['expert runtime-adapter']:.2f}x")
 
 
 def main(argv=None):
@@ -36,7 +175,18 @@ def main(argv=None):
                    help="llama.cpp weight formats: native (the packaged file) and/or "
                         f"{', '.join(models.QUANT_TYPES)} (re-encoded once into the cache)")
     p.add_argument("--batch-size", type=int, default=8, help="transformers batch size")
+    p.add_argument("--choice", action="store_true", help="only the choice-path section (see above)")
+    p.add_argument("--choice-n", type=int, default=40, help="questions for the choice-path section")
+    p.add_argument("--experts", action="store_true", help="only the expert rows (see above)")
+    p.add_argument("--expert-n", type=int, default=40, help="MMLU prompts for the expert rows")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank of the expert rows' adapter")
+    p.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj", help="its target modules")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (best kept)")
     args = p.parse_args(argv)
+    if args.choice:
+        return choice_section(args)
+    if args.experts:
+        return expert_section(args)
 
     questions = data.load_mmlu("test")
     sample = [questions[i] for i in data.stratified_sample(questions, args.n, args.seed)]

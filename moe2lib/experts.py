@@ -92,6 +92,37 @@ class Expert:
     def encode(self, prompt: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """A continuation's tokens: the text alone, no BOS or special tokens (as lm-eval does)."""
+        raise NotImplementedError
+
+    def continuation_logprobs(self, requests: Sequence[Sequence[tuple[str, str]]],
+                              progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per question (a sequence of (context, continuation) pairs, one per choice): the sum of
+        log p(token | everything before it) over each continuation's tokens (float64, shape (n,)) and
+        the continuation's token counts. Contexts are tokenised by ``encode``, continuations by
+        ``encode_continuation``, and the two token lists concatenated."""
+        raise NotImplementedError
+
+    def _choice_tokens(self, requests):
+        """(context ids + continuation ids, index of the first continuation token) per choice, per question."""
+        out = []
+        for q, req in enumerate(requests):
+            if len(req) < 1:
+                raise InputError(f"question {q} has no choices", param="requests")
+            ctx_cache, seqs = {}, []
+            for ctx, cont in req:
+                cont_ids = self.encode_continuation(cont)
+                if not cont_ids:
+                    raise InputError(f"question {q}: continuation {cont!r} has no tokens", param="requests")
+                if ctx not in ctx_cache:
+                    ctx_cache[ctx] = self.encode(ctx)
+                    if not ctx_cache[ctx]:
+                        raise InputError(f"question {q}: empty context (nothing to condition on)", param="requests")
+                seqs.append((ctx_cache[ctx] + cont_ids, len(ctx_cache[ctx])))
+            out.append(seqs)
+        return out
+
     def close(self) -> None:
         pass
 
@@ -116,6 +147,23 @@ def backend(name: str):
     return deco
 
 
+def _progress(items, on: bool, desc: str):
+    if not on:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="q")
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all of ``seqs``."""
+    n = min(len(s) for s in seqs)
+    for j in range(n):
+        t = seqs[0][j]
+        if any(s[j] != t for s in seqs):
+            return j
+    return n
+
+
 def _letter_ids(encode, n_choices: int) -> list[int]:
     ids = []
     for letter in LETTERS[:n_choices]:
@@ -133,7 +181,9 @@ class LlamaCppExpert(Expert):
     One prompt per ``llama_decode`` call with logits requested at its last token only. ``weights``
     "native" runs the GGUF as shipped; "F16" (or another ``models.QUANT_TYPES`` entry) runs a copy
     re-encoded once by llama.cpp: on AVX2 CPUs F16 has a GEMM kernel that Q4_1 lacks and processes
-    prompts about 1.8x faster, with the same values as the dequantised 4-bit weights.
+    prompts about 1.8x faster, with the same values as the dequantised 4-bit weights. "merged" runs the
+    adapter merged into such a copy once (``lora.merge_gguf``, ``lora.MERGE_DTYPE``) with no run-time
+    adapter, at the base model's speed; the run-time adapter path stays the reference.
     """
 
     def __init__(self, model: str, adapter: str | None = None, name: str | None = None,
@@ -152,16 +202,23 @@ class LlamaCppExpert(Expert):
             import llama_cpp
         except ImportError:
             raise ResourceUnavailable("llama-cpp-python is not installed; run `bash run.sh setup`") from None
-        path = (models.locate(self.model, "llm") if self.weights == "native"
-                else models.requantized(self.model, self.weights))
         if self.adapter is not None:
             from .lora import check_adapter
             # llama.cpp would fail vaguely or crash on a misfit; a re-encoded file has the packaged one's shapes
             check_adapter(self.adapter, models.locate(self.model, "llm"))
+        merged = self.weights == "merged"
+        if merged:
+            from .lora import MERGE_DTYPE, merge_gguf
+            path = (merge_gguf(self.adapter, self.model) if self.adapter is not None
+                    else models.requantized(self.model, MERGE_DTYPE))
+        else:
+            path = (models.locate(self.model, "llm") if self.weights == "native"
+                    else models.requantized(self.model, self.weights))
         threads = self.n_threads or os.cpu_count()
         try:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=512,
-                                  n_threads=threads, n_threads_batch=threads, lora_path=self.adapter,
+                                  n_threads=threads, n_threads_batch=threads,
+                                  lora_path=None if merged else self.adapter,
                                   verbose=self.verbose)
         except ValueError as exc:
             where = self.adapter if self.adapter and "LoRA" in str(exc) else path
@@ -203,6 +260,124 @@ class LlamaCppExpert(Expert):
         for row, prompt in enumerate(prompts):
             ptr = self.last_logits(self.encode(prompt))
             out[row] = [ptr[t] for t in letter_ids]
+        return out
+
+    N_SEQ = 8  # choices decoded together (sequences of the scoring context)
+    N_UBATCH = 32  # its micro-batch: see _choice_context
+
+    def encode_continuation(self, text):
+        return self._load().tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _choice_context(self):
+        """A second llama.cpp context on the loaded weights, for continuation scoring (one per load).
+
+        It has ``N_SEQ`` sequences in one unified KV cache: llama.cpp lets one token belong to several
+        sequences ("coupled" sequences) only in a unified cache, and the Llama object's own context
+        has a single sequence. The LoRA adapter, if any, is attached to it as well.
+        """
+        llm = self._load()
+        if getattr(self, "_choice_for", None) is llm:
+            return self._choice_ctx, self._choice_batch
+        import contextlib
+        import ctypes
+
+        import llama_cpp
+        from llama_cpp import _internals
+
+        params = type(llm.context_params).from_buffer_copy(llm.context_params)
+        params.n_seq_max, params.kv_unified = self.N_SEQ, True
+        # llama.cpp 0.3.36's CPU attention mixes up sequences that share a micro-batch (cf.
+        # ggml-org/llama.cpp#24962): without flash attention from ~32 tokens, with it from 64 (its tiled
+        # kernel), log-probs came out up to 1 nat off. Flash attention on micro-batches of at most 32
+        # tokens matched decoding each choice alone in every layout tried, at the same speed here.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.n_ubatch = min(params.n_ubatch, self.N_UBATCH)
+        ctx = llm._stack.enter_context(contextlib.closing(  # freed by llm.close(), before the weights
+            _internals.LlamaContext(model=llm._model, params=params, verbose=self.verbose)))
+        if llm._lora_adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            if llama_cpp.llama_set_adapters_lora(ctx.ctx, adapters, 1, (ctypes.c_float * 1)(llm.lora_scale)):
+                raise ResourceUnavailable("llama.cpp could not attach the LoRA adapter to the scoring context")
+        batch = llm._stack.enter_context(contextlib.closing(
+            _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=self.N_SEQ, verbose=self.verbose)))
+        self._choice_for, self._choice_ctx, self._choice_batch = llm, ctx, batch
+        return ctx, batch
+
+    def _logprob_sums(self, seqs) -> np.ndarray:
+        """Sum of log p over ``ids[start:]`` for each (ids, start) of one question, from an empty cache.
+
+        One ``llama_decode``: the tokens common to all choices carry every choice's sequence id and
+        are evaluated once, each choice's remaining tokens carry its own; logits are computed only at
+        positions that predict a continuation token, and no choice's last token is decoded.
+        """
+        import llama_cpp
+
+        ctx, batch = self._choice_context()
+        ids, starts = [s for s, _ in seqs], [st for _, st in seqs]
+        ends = [len(s) - 1 for s in ids]  # positions 0..end-1 are decoded
+        shared = min(_common_prefix(ids), max(ends))
+        limit = min(llama_cpp.llama_n_ctx(ctx.ctx), llama_cpp.llama_n_batch(ctx.ctx))
+        if shared + sum(max(e - shared, 0) for e in ends) > limit:
+            if len(seqs) > 1:  # too long to decode together: one choice at a time
+                return np.concatenate([self._logprob_sums([s]) for s in seqs])
+            head, cut = (1 if self._bos_id is not None else 0), ends[0] - limit
+            if starts[0] - cut <= head:  # drop context tokens from the front (after BOS), never continuation
+                raise InputError(f"a continuation of {len(ids[0]) - starts[0]} tokens does not fit "
+                                 f"in a context of {limit}")
+            ids, starts, ends = [ids[0][:head] + ids[0][head + cut:]], [starts[0] - cut], [limit]
+            shared = limit
+        n = len(ids)
+        everyone = tuple(range(n))
+        entries, row = [], {}  # entries: (token, position, sequence ids, logits?); row[(choice, pos)] -> output
+        n_out = 0
+        for j in range(shared):
+            want = any(starts[i] - 1 <= j < ends[i] for i in everyone)
+            if want:
+                for i in everyone:
+                    row[i, j] = n_out
+                n_out += 1
+            entries.append((ids[0][j], j, everyone, want))
+        for i in everyone:
+            for j in range(shared, ends[i]):
+                want = j >= starts[i] - 1
+                if want:
+                    row[i, j] = n_out
+                    n_out += 1
+                entries.append((ids[i][j], j, (i,), want))
+        b = batch.batch
+        b.n_tokens = len(entries)
+        out_idx = []
+        for k, (tok, pos, sids, want) in enumerate(entries):
+            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, pos, len(sids), want
+            for m, sid in enumerate(sids):
+                b.seq_id[k][m] = sid
+            if want:
+                out_idx.append(k)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
+        if (rc := llama_cpp.llama_decode(ctx.ctx, b)) != 0:
+            raise ResourceUnavailable(f"llama_decode failed with status {rc} on a batch of {len(entries)} tokens")
+        n_vocab = self._llm.n_vocab()
+        rows = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, k), shape=(n_vocab,)) for k in out_idx]
+        lse = np.empty(n_out)
+        for r, x in enumerate(rows):  # log-sum-exp per needed position; exp in float32, sum in float64
+            m = x.max()
+            lse[r] = float(m) + np.log(np.exp(x - m).sum(dtype=np.float64))
+        sums = np.zeros(n)
+        for i in everyone:
+            for j in range(starts[i] - 1, ends[i]):
+                r = row[i, j]
+                sums[i] += float(rows[r][ids[i][j + 1]]) - lse[r]
+        return sums
+
+    def continuation_logprobs(self, requests, progress=False, shared=True):
+        """See ``Expert.continuation_logprobs``. ``shared=False`` decodes each choice on its own from an
+        empty cache (the reference that the shared-prefix batch must reproduce)."""
+        out = []
+        for seqs in _progress(self._choice_tokens(requests), progress, "questions"):
+            groups = ([seqs[g:g + self.N_SEQ] for g in range(0, len(seqs), self.N_SEQ)] if shared
+                      else [[s] for s in seqs])
+            out.append((np.concatenate([self._logprob_sums(g) for g in groups]),
+                        np.array([len(ids) - st for ids, st in seqs])))
         return out
 
     def close(self):
@@ -268,6 +443,37 @@ class TransformersExpert(Expert):
                                logits_to_keep=1).logits[:, -1, :]
             out[rows] = logits[:, letter_ids].float().numpy()
         return out
+
+    def encode_continuation(self, text):
+        self._load()
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def continuation_logprobs(self, requests, progress=False):
+        """See ``Expert.continuation_logprobs``: the reference path, one left-padded row per choice
+        (context + continuation minus its last token) and logits only at the last positions."""
+        import torch
+
+        model = self._load()
+        toks = self._choice_tokens(requests)
+        flat = [(q, i, ids, len(ids) - st) for q, seqs in enumerate(toks) for i, (ids, st) in enumerate(seqs)]
+        sums = [np.zeros(len(seqs)) for seqs in toks]
+        order = np.argsort([len(f[2]) for f in flat], kind="stable")
+        pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+        for start in _progress(range(0, len(flat), self.batch_size), progress, "batches"):
+            rows = [flat[k] for k in order[start:start + self.batch_size]]
+            width, keep = max(len(r[2]) - 1 for r in rows), max(r[3] for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, (_, _, seq, _) in enumerate(rows):
+                ids[j, width - len(seq) + 1:] = torch.tensor(seq[:-1])
+                mask[j, width - len(seq) + 1:] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+                for j, (q, i, seq, nc) in enumerate(rows):
+                    lp = torch.log_softmax(logits[j, keep - nc:].double(), dim=-1)
+                    sums[q][i] = lp[torch.arange(nc), torch.tensor(seq[-nc:])].sum().item()
+        return [(sums[q], np.array([len(ids) - st for ids, st in seqs])) for q, seqs in enumerate(toks)]
 
 
 @dataclass(frozen=True)
