@@ -1,6 +1,11 @@
 """LoRA fine-tuning on SmolLM2 (one thread: on the shared 2-core machine two torch threads
 ran 5x slower under load): the loss sits on the answer letter only, seeds fix the result, and a
-finished expert's folder is reused while an interrupted one trains again."""
+finished expert's folder is reused while an interrupted one trains again. Text targets: the loss
+sits on the continuation tokens only, it falls in a few steps, ``choice_ce`` raises the gold choice's
+probability, and MLP projections train and export. Tests that load a model are marked slow."""
+
+import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,10 +13,33 @@ from safetensors.numpy import load_file
 
 from moe2lib import data, experts
 from moe2lib.errors import InputError
-from moe2lib.finetune import LoraFineTuner
+from moe2lib.finetune import ChoiceExample, LoraFineTuner, TextExample
+from moe2lib.tasks import ChoiceItem
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def arc_items(questions):
+    """Questions as ChoiceItems the way the text scorer reads them: "<question>\nAnswer:" + " <choice>"."""
+    out = []
+    for q in questions:
+        text = q.question.removeprefix("Question: ").strip()
+        ctx = f"Question: {text}\nAnswer:"
+        qid = hashlib.sha256("\n".join((text, *q.choices)).encode()).hexdigest()[:16]
+        out.append(ChoiceItem(qid, q.subject, text, (ctx,) * len(q.choices), tuple(" " + c for c in q.choices),
+                              q.answer, q.source))
+    return out
+
+
+@pytest.fixture(scope="module")
+def items():
+    """Short ARC-Easy questions with short answers (fast steps), as ChoiceItems."""
+    root = data.resolve_data_dir(None, "arc")
+    qs = data.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl", "arc_easy")
+    short = [q for q in qs if len(q.question) < 120 and max(len(c) for c in q.choices) < 25]
+    return arc_items(short[:8])
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +55,7 @@ def tuner(**kw):
     return LoraFineTuner(MODEL, **{**args, **kw})
 
 
+@slow
 def test_examples_are_tokenised_as_the_experts_score_them(questions):
     ft = tuner()
     _, tok = ft.load_base()
@@ -38,6 +67,7 @@ def test_examples_are_tokenised_as_the_experts_score_them(questions):
             assert [target] == letter_c
 
 
+@slow
 def test_prompts_over_cutoff_are_dropped_not_cut(questions):
     """A cut prompt (its passage gone) is not what the expert is later asked, so it is not trained on."""
     examples = [([1] * 5, 0), ([1] * 10, 1), ([1] * 3, 2)]
@@ -46,6 +76,7 @@ def test_prompts_over_cutoff_are_dropped_not_cut(questions):
         tuner(cutoff_len=4).fit(questions[:2])
 
 
+@slow
 def test_loss_is_only_the_letter_cross_entropy(questions):
     """Known answer: the padded-batch loss equals -log p(letter | prompt) from separate unpadded forwards."""
     import torch
@@ -66,6 +97,7 @@ def test_loss_is_only_the_letter_cross_entropy(questions):
     assert abs(full - want[0]) > 0.5
 
 
+@slow
 def test_seeded_training_is_deterministic_learns_the_letter_and_resumes(questions, tmp_path):
     import torch
 
@@ -132,3 +164,176 @@ def test_select_examples_samples_and_tops_up_small_clusters():
     assert len(select_examples(ft_cluster, ft_dist, 2, max_examples=0)[0]) == 45  # 0: the whole cluster
     with pytest.raises(InputError, match="cluster"):
         select_examples(ft_cluster, ft_dist, 3, 10)
+
+
+# -- text targets ----------------------------------------------------------------------------------------
+def ttuner(**kw):
+    return tuner(**{"target": "text", **kw})
+
+
+def test_fingerprint_covers_target_items_and_gold(items, questions):
+    from moe2lib import artifacts
+    from moe2lib.finetune import ENCODING
+
+    fps = {t: LoraFineTuner(MODEL, target=t).fingerprint(items) for t in ("text", "choice_ce")}
+    assert fps["text"] != fps["choice_ce"]
+    assert LoraFineTuner(MODEL, target="choice_ce", choice_norm="sum").fingerprint(items) != fps["choice_ce"]
+    ft = LoraFineTuner(MODEL, target="text")
+    assert ft.fingerprint(items) == fps["text"]
+    changed = [replace(items[0], gold=(items[0].gold + 1) % items[0].n_choices)] + items[1:]
+    assert ft.fingerprint(changed) != fps["text"]
+    cont = list(items[1].continuations)
+    cont[0] += " (edited)"
+    assert ft.fingerprint([items[0], replace(items[1], continuations=tuple(cont))] + items[2:]) != fps["text"]
+    assert ft.fingerprint(items[:-1]) != fps["text"]
+    # the letter target keeps the fingerprint it had before text targets (finished experts stay reusable)
+    letter = LoraFineTuner(MODEL)
+    params = {k: v for k, v in letter.get_params().items()}
+    assert "target" not in params
+    old = artifacts.digest({"params": params, "encoding": ENCODING, "questions": [q.source for q in questions],
+                            "prompts": [data.format_prompt(q) for q in questions],
+                            "answers": [q.answer for q in questions]})
+    assert letter.fingerprint(questions) == old
+
+
+def test_items_must_fit_the_target(items, questions):
+    with pytest.raises(InputError, match="ChoiceItem"):
+        LoraFineTuner(MODEL, target="text").fit(questions)
+    with pytest.raises(InputError, match="Question"):
+        LoraFineTuner(MODEL).fit(items)
+    with pytest.raises(InputError, match="target"):
+        LoraFineTuner(MODEL, target="answer").fit(items)
+    with pytest.raises(InputError, match="choice_norm"):
+        LoraFineTuner(MODEL, target="choice_ce", choice_norm="token").fit(items)
+    with pytest.raises(InputError, match="gold"):
+        LoraFineTuner(MODEL, target="text").fit([replace(items[0], gold=9)])
+
+
+def test_text_collate_puts_labels_on_the_continuation_only():
+    examples = [TextExample([1, 2, 3, 4, 5], 2), TextExample([1, 7, 8], 1)]
+    ids, mask, pos, labels = LoraFineTuner.collate(examples, pad_id=0)
+    # the input is each sequence less its last token, left-padded; labels are the tokens each position predicts
+    assert ids.tolist() == [[1, 2, 3, 4], [0, 0, 1, 7]]
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    assert labels.tolist() == [[-100, -100, 4, 5], [-100, -100, -100, 8]]
+    choice = ChoiceExample((TextExample([1, 2, 3], 1), TextExample([1, 2, 4, 5], 2)), 1, (2.0, 3.0))
+    *batch, (n, gold, norms) = LoraFineTuner.collate([choice, choice], pad_id=0)
+    assert batch[0].shape == (4, 3) and n.tolist() == [2, 2] and gold.tolist() == [1, 1]
+    assert norms.tolist() == [2.0, 3.0, 2.0, 3.0]
+    # cutoff: a text example's length is context + continuation, a choice example's its longest choice
+    mixed = examples + [choice, TextExample([1, 2, 3, 4], 1)]  # lengths 5, 3, 4 (longest choice), 4
+    assert list(LoraFineTuner(MODEL, cutoff_len=4, target="choice_ce").within_cutoff(mixed)) == [1, 2, 3]
+    assert list(LoraFineTuner(MODEL, cutoff_len=3, target="choice_ce").within_cutoff(mixed)) == [1]
+
+
+@slow
+def test_text_loss_matches_gemma_forward_with_soft_capping(items):
+    """Gemma's 262k-token head runs only at the continuation positions; the result equals the model's own
+    forward, also with the final logit soft-capping turned on (Gemma 3's config leaves it off)."""
+    import torch
+
+    ft = LoraFineTuner("gemma3-270m", target="text")
+    model, tok = ft.load_base()
+    model.eval()
+    examples = ft.encode(tok, items[:2])
+    batch = ft.collate(examples, pad_id=tok.pad_token_id or 0)
+    for cap in (model.config.final_logit_softcapping, 5.0):
+        model.config.final_logit_softcapping = cap
+        with torch.no_grad():
+            got = ft.batch_loss(model, *batch, reduction="none").numpy()
+            want = []
+            for seq, k in examples:
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+                want.append(np.mean([-logp[j - 1, seq[j]].item() for j in range(len(seq) - k, len(seq))]))
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+@slow
+def test_text_examples_are_context_then_continuation_ids(items):
+    ft = ttuner()
+    _, tok = ft.load_base()
+    with experts.make_expert(MODEL, n_threads=1) as ll:
+        for it, ex in zip(items[:3], ft.encode(tok, items[:3])):
+            ctx, cont = it.pairs()[it.gold]
+            cont_ids = ll._load().tokenize(cont.encode(), add_bos=False, special=False)
+            assert ex.ids == ll.encode(ctx) + cont_ids and ex.n_target == len(cont_ids)
+    ce = LoraFineTuner(MODEL, target="choice_ce").encode(tok, items[:2])
+    assert [len(ex.choices) for ex in ce] == [it.n_choices for it in items[:2]]
+    assert ce[0].norms == tuple(float(len(c)) for c in items[0].continuations)
+    assert ce[0].choices[items[0].gold] == ft.encode(tok, items[:1])[0]
+
+
+@slow
+def test_text_loss_is_the_continuation_cross_entropy(questions, items):
+    """Known answers: a one-token continuation (the letter) gives the letter target's loss at that position;
+    a longer one gives the mean of -log p over its tokens from an unpadded full forward."""
+    import torch
+
+    ft = ttuner()
+    model, tok = ft.load_base()
+    model.eval()
+    letter = tuner().encode(tok, questions[:4])
+    as_text = [TextExample(ids + [t], 1) for ids, t in letter]
+    with torch.no_grad():
+        want = tuner().batch_loss(model, *tuner().collate(letter, pad_id=0), reduction="none").numpy()
+        got = ft.batch_loss(model, *ft.collate(as_text, pad_id=0), reduction="none").numpy()
+        np.testing.assert_allclose(got, want, atol=2e-4)
+
+        examples = ft.encode(tok, items[:4])
+        assert max(ex.n_target for ex in examples) > 1
+        batch = ft.collate(examples, pad_id=tok.pad_token_id or 0)
+        got = ft.batch_loss(model, *batch, reduction="none").numpy()
+        per_token = []
+        for seq, k in examples:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+            per_token.append([-logp[j - 1, seq[j]].item() for j in range(len(seq) - k, len(seq))])
+        np.testing.assert_allclose(got, [np.mean(t) for t in per_token], atol=2e-4)
+        mean = ft.batch_loss(model, *batch).item()  # the batch loss is the mean over all continuation tokens
+        np.testing.assert_allclose(mean, np.mean(np.concatenate(per_token)), atol=2e-4)
+
+
+@slow
+def test_text_target_learns_the_continuations_with_mlp_modules(items, tmp_path):
+    import torch
+
+    from moe2lib import lora, models
+
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj") + MLP
+    ft = ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3).fit(items, out_dir=tmp_path / "text")
+    assert ft.n_train_ == len(items) and ft.n_over_cutoff_ == 0 and len(ft.history_) == 4  # 2 x 8 items / batch 4
+    assert all(np.isfinite(h["loss"]) for h in ft.history_)
+    batch = ft.collate(ft.encode(ft.tokenizer_, items), pad_id=0)
+    with torch.no_grad():
+        tuned = ft.batch_loss(ft.model_, *batch).item()
+        with ft.model_.disable_adapter():
+            base = ft.batch_loss(ft.model_, *batch).item()
+    print(f"text target, 4 steps: loss on the training items {base:.3f} -> {tuned:.3f}")
+    assert tuned < base - 0.3, (tuned, base)
+    weights = load_file(str(tmp_path / "text" / "adapter_model.safetensors"))
+    assert len(weights) == 30 * 7 * 2 and any(".mlp.down_proj.lora_A" in k for k in weights)
+    # the adapter on the MLP projections exports to a GGUF adapter llama.cpp's shapes accept
+    path = lora.export_gguf(tmp_path / "text", models.locate(MODEL, "llm"), tmp_path / "text.gguf")
+    info = lora.check_adapter(path, models.locate(MODEL, "llm"))
+    assert {"ffn_gate", "ffn_up", "ffn_down", "attn_q"} <= set(info["modules"]) and info["n_targets"] == 30 * 7
+    # other target, other expert: not reused
+    again = ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3).fit(items, out_dir=tmp_path / "text")
+    assert again.skipped_ and again.final_loss_ == ft.final_loss_
+    other = ttuner(target="choice_ce", target_modules=modules, max_steps=1, lr=3e-3)
+    assert not other.fit(items, out_dir=tmp_path / "text").skipped_
+
+
+@slow
+def test_choice_ce_raises_the_gold_choice(items):
+    import torch
+
+    ft = tuner(target="choice_ce", max_steps=3, batch_size=4, lr=3e-3).fit(items)
+    assert all(np.isfinite(h["loss"]) for h in ft.history_)
+    batch = ft.collate(ft.encode(ft.tokenizer_, items), pad_id=0)
+    with torch.no_grad():
+        tuned = ft.batch_loss(ft.model_, *batch, reduction="none").numpy()
+        with ft.model_.disable_adapter():
+            base = ft.batch_loss(ft.model_, *batch, reduction="none").numpy()
+    # -log p(gold) per item: lower on average after three steps (p(gold) rose)
+    print(f"choice_ce, 3 steps: mean p(gold) {np.exp(-base).mean():.3f} -> {np.exp(-tuned).mean():.3f}")
+    assert np.isfinite(tuned).all() and tuned.mean() < base.mean() - 0.1, (tuned, base)

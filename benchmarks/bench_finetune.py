@@ -1,0 +1,200 @@
+"""Text-target LoRA fine-tuning: training speed, and the text vs choice_ce targets on held-out accuracy.
+
+    python benchmarks/bench_finetune.py speed   [--model smollm2-135m-instruct] [--items 64] [--threads 1 2]
+    python benchmarks/bench_finetune.py compare [--model ...] [--train 150] [--test 100] [--variants ...]
+
+``speed`` trains the text target on ``--items`` items of ``--task`` (CommonsenseQA) for one epoch (batch 8, r=16 on
+attention + MLP projections) three ways and prints the tokens/s (real tokens, padding excluded) and the
+ratios: "random" batches (no length bucketing), ``LoraFineTuner``'s length-bucketed batches, and the
+bucketed batches at each ``--threads`` setting of torch. On a shared machine the numbers are noisy.
+
+``compare`` trains each variant on the same ``--train`` items (1 epoch) and reports held-out accuracy on
+``--test`` other items, scoring each choice by log p(continuation | context) per character of the
+continuation (acc_norm) and as a raw sum; the base model is scored too. Variants: ``text``,
+``choice_ce`` (per-char normalised choice scores), ``choice_ce_sum`` (summed), and ``text:<key>=<v>,...``
+overrides such as ``text:lr=3e-4`` or ``text:rank=8,modules=attn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe2lib import data  # noqa: E402
+from moe2lib.finetune import LoraFineTuner  # noqa: E402
+from moe2lib.tasks import ChoiceItem  # noqa: E402
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+MODULES = {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}
+DEFAULTS = dict(rank=16, alpha=32, target_modules=ATTN + MLP, lr=1e-3, batch_size=8, epochs=1, dropout=0.05,
+                warmup_ratio=0.03, cutoff_len=256)
+
+
+def csqa_items(path=None) -> list[ChoiceItem]:
+    """CommonsenseQA (llm-foundry layout: choices inside the query) as "Question: ...\\nAnswer:" + " <choice>"."""
+    root = data.resolve_data_dir(None, "llm-foundry")
+    path = path or root / "llm-foundry" / "commonsense_reasoning" / "commonsense_qa.jsonl"
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        m = re.match(r"Question: (.*?)\nChoices:\n(.*)\nAnswer:$", obj["query"], re.S)
+        question = m.group(1).strip()
+        choices = [re.sub(r"^[A-Z]\. ", "", c) for c in m.group(2).split("\n")]
+        ctx = f"Question: {question}\nAnswer:"
+        qid = hashlib.sha256("\n".join([question, *choices]).encode()).hexdigest()[:16]
+        out.append(ChoiceItem(qid, "commonsense_qa", question, (ctx,) * len(choices),
+                              tuple(" " + c for c in choices), int(obj["gold"]), f"{Path(path).name}:{n}"))
+    return out
+
+
+def load_items(task: str) -> list[ChoiceItem]:
+    """The task's ChoiceItems from ``moe2lib.tasks.load_task``; CommonsenseQA parsed here if that is missing."""
+    try:
+        from moe2lib.tasks import load_task
+    except ImportError:
+        if task != "commonsense_qa":
+            raise
+        return csqa_items()
+    return load_task(task)
+
+
+def split(items, n_train, n_test, seed=0):
+    idx = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in idx[:n_train]], [items[i] for i in idx[n_train:n_train + n_test]]
+
+
+def score(ft: LoraFineTuner, model, tok, items, batch_items: int = 8) -> dict:
+    """Held-out accuracy by per-char normalised and by summed continuation log-likelihood."""
+    import torch
+
+    scorer = LoraFineTuner(ft.base_model, target="choice_ce", choice_norm="sum")
+    examples = scorer.encode(tok, items)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    right_char = right_sum = 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), batch_items):
+            chunk = examples[start:start + batch_items]
+            ids, mask, pos, labels, _ = scorer.collate(chunk, pad)
+            ll = scorer.token_logprobs(model, ids, mask, pos, labels).sum(-1).numpy()
+            at = 0
+            for it, ex in zip(items[start:start + batch_items], chunk):
+                lp = ll[at:at + len(ex.choices)]
+                at += len(ex.choices)
+                chars = np.array([max(1, len(c)) for c in it.continuations])
+                right_char += int(np.argmax(lp / chars) == it.gold)
+                right_sum += int(np.argmax(lp) == it.gold)
+    return {"acc_char": right_char / len(items), "acc_sum": right_sum / len(items)}
+
+
+def parse_variant(name: str) -> dict:
+    kind, _, rest = name.partition(":")
+    kw = dict(DEFAULTS)
+    if kind == "text":
+        kw["target"] = "text"
+    elif kind == "choice_ce":
+        kw.update(target="choice_ce", choice_norm="char")
+    elif kind == "choice_ce_sum":
+        kw.update(target="choice_ce", choice_norm="sum")
+    else:
+        raise SystemExit(f"unknown variant {name!r}")
+    for pair in filter(None, rest.split(",")):
+        key, value = pair.split("=")
+        if key == "modules":
+            kw["target_modules"] = MODULES[value]
+        elif key in ("rank", "batch_size", "epochs"):
+            kw[key] = int(value)
+        else:
+            kw[key] = float(value)
+    if "rank" in rest and "alpha" not in rest:
+        kw["alpha"] = 2 * kw["rank"]
+    return kw
+
+
+def compare(args):
+    items = load_items(args.task)
+    train, test = split(items, args.train, args.test, seed=args.seed)
+    rows = []
+    base_ft = LoraFineTuner(args.model, n_threads=args.threads[0], progress=False)
+    model, tok = base_ft.load_base()
+    rows.append({"variant": "base", **score(base_ft, model, tok, test)})
+    print(json.dumps(rows[-1]), flush=True)
+    del model
+    for name in args.variants:
+        kw = parse_variant(name)
+        t0 = time.time()
+        ft = LoraFineTuner(args.model, n_threads=args.threads[0], progress=False, seed=args.seed, **kw).fit(train)
+        train_s = time.time() - t0
+        res = score(ft, ft.model_, ft.tokenizer_, test)
+        tps = float(np.median([h["tokens_per_s"] for h in ft.history_]))
+        rows.append({"variant": name, **res, "final_loss": round(ft.final_loss_, 4), "steps": len(ft.history_),
+                     "train_s": round(train_s, 1), "tokens_per_s": round(tps, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.model}: {len(train)} train / {len(test)} held-out {args.task} items, seed {args.seed}")
+    print(f"{'variant':40s} {'acc_char':>8s} {'acc_sum':>8s} {'loss':>7s} {'train_s':>8s}")
+    for r in rows:
+        print(f"{r['variant']:40s} {r['acc_char']:8.3f} {r['acc_sum']:8.3f} {r.get('final_loss', float('nan')):7.3f} "
+              f"{r.get('train_s', float('nan')):8.1f}")
+
+
+def speed(args):
+    import torch
+
+    items = load_items(args.task)[:args.items]
+    results = {}
+
+    def run(label, threads, bucketed):
+        ft = LoraFineTuner(args.model, target="text", n_threads=threads, progress=False, seed=0,
+                           **{k: v for k, v in DEFAULTS.items()})
+        if not bucketed:  # one window of one batch: shuffled batches, no sorting by length
+            ft._order = lambda lengths, rng: [b for b in np.array_split(rng.permutation(len(lengths)),
+                                                                       -(-len(lengths) // ft.batch_size))]
+        t0 = time.time()
+        ft.fit(items)
+        wall = time.time() - t0
+        tokens = sum(h["tokens"] for h in ft.history_)
+        step_s = sum(h["tokens"] / h["tokens_per_s"] for h in ft.history_)
+        results[label] = tokens / step_s
+        print(f"{label:28s} {results[label]:8.0f} tokens/s  ({tokens} tokens, {len(ft.history_)} steps, "
+              f"{step_s:.1f} s in steps, {wall:.1f} s with loading)", flush=True)
+
+    run(f"random batches, {args.threads[0]} thr", args.threads[0], False)
+    run(f"bucketed, {args.threads[0]} thr", args.threads[0], True)
+    for t in args.threads[1:]:
+        run(f"bucketed, {t} thr", t, True)
+    keys = list(results)
+    ref = results[keys[0]]
+    print("\nratios to the first line: " + ", ".join(f"{k}: {v / ref:.2f}x" for k, v in results.items()))
+    print(f"(torch {torch.__version__}; wall-clock on a shared machine, noisy)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("speed", "compare"))
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--task", default="commonsense_qa", help="a moe2lib.tasks task name")
+    p.add_argument("--items", type=int, default=64)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="torch threads; compare uses the first")
+    p.add_argument("--train", type=int, default=150)
+    p.add_argument("--test", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="+", default=["text", "choice_ce", "choice_ce_sum"])
+    args = p.parse_args(argv)
+    (speed if args.mode == "speed" else compare)(args)
+
+
+if __name__ == "__main__":
+    main()
