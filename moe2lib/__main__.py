@@ -33,6 +33,23 @@ def _figures(args):
           f"({len(done.skipped)} stages skipped)")
 
 
+def _evaluate(args):
+    import json
+    from pathlib import Path
+
+    from . import evaluation, pipeline
+
+    cfg, _ = pipeline.load_config(args.profile)
+    root = Path(args.out) if args.out else pipeline.out_root(cfg.get("profile", Path(args.profile).stem))
+    bench = (cfg.get("benchmark") or {}).get("name", "mmlu")
+    if args.bench != bench:
+        raise ResourceUnavailable(f"the {args.profile} profile's run is on {bench!r}, not {args.bench!r}; "
+                                  "pass --profile/--out of a run on that benchmark")
+    metrics = evaluation.resplit(root / "artifacts", args.seed, n_bootstrap=args.n_bootstrap)
+    keep = ("accuracy", "ci95", "differences", "improvement", "n_test", "n_train", "seed", "per_task")
+    print(json.dumps({"bench": bench, **{k: metrics[k] for k in keep}}, indent=1))
+
+
 def _stages(args):
     from . import pipeline
 
@@ -200,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: the repository for the default profile, runs/<profile>/ otherwise)")
     f.add_argument("--stages", help="comma-separated subset of stages (see `stages`; default: all)")
     f.set_defaults(func=_figures)
+
+    ev = sub.add_parser("evaluate", help="re-split a finished run's questions with a new seed, retrain the gating, "
+                                         "print Fig. 3 as JSON (no model runs)",
+                        description="Draw a new gating-training/test split (same sizes, in proportion per task) "
+                                    "from the run's committed scores and embeddings, retrain the gating with the "
+                                    "run's parameters and print the accuracies (keys as in gating/metrics.json), "
+                                    "the paired differences MoE2 - baseline with 95%% bootstrap intervals, and "
+                                    "n_test. Seconds; a check that the result is not one lucky split.")
+    ev.add_argument("--bench", default="edge-mix", help="benchmark the run was made on (default: %(default)s)")
+    ev.add_argument("--seed", type=int, required=True, help="seed of the new split and of the gating")
+    ev.add_argument("--profile", default="default", help="whose run (default: %(default)s)")
+    ev.add_argument("--out", help="folder holding the run's artifacts/ (as for `figures`)")
+    ev.add_argument("--n-bootstrap", type=int, default=None, help="bootstrap resamples (default: the run's)")
+    ev.set_defaults(func=_evaluate)
 
     s = sub.add_parser("stages", help="list the pipeline's stages")
     s.set_defaults(func=_stages)

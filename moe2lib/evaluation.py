@@ -36,6 +36,11 @@ LABELS = {"single_agent": "Single Agent", "average_expert": "A.E.A.", "majority_
           "oracle": "Oracle"}
 # Fig. 3 of the paper: relative accuracy gain of MoE2 over each baseline, (a - b) / b
 PAPER_IMPROVEMENT = {"single_agent": 0.144, "majority_voting": 0.073, "average_expert": 0.164}
+# Paired differences a - b reported with bootstrap intervals: MoE2 against the paper's baselines, and what
+# recognising the task buys (the top-1 router over a single model) apart from what fusion adds on top of it.
+DIFFERENCES = (("moe2", "single_agent"), ("moe2", "majority_voting"), ("moe2", "average_expert"),
+               ("moe2", "best_expert"), ("moe2", "router_top1"), ("moe2_topk", "router_top1"),
+               ("moe2_topk", "single_agent"), ("router_top1", "single_agent"), ("router_top1", "best_expert"))
 
 
 # --------------------------------------------------------------------------- baselines
@@ -173,12 +178,20 @@ def fig3_metrics(methods: Mapping[str, np.ndarray], singles: Mapping[str, np.nda
                 "relative": float(relative_improvement(acc[row["moe2"]], acc[row[base]])),
                 "ci95": [float(x) for x in percentile_interval(rel[np.isfinite(rel)], level)],
                 "paper": PAPER_IMPROVEMENT.get(base)}
+    differences = {}
+    for a, b in DIFFERENCES:
+        if a in row and b in row:
+            d = boot[row[a]] - boot[row[b]]
+            lo, hi = (float(x) for x in percentile_interval(d, level))
+            differences[f"{a}-{b}"] = {"difference": float(acc[row[a]] - acc[row[b]]), "ci95": [lo, hi],
+                                       "p_le_0": float((d <= 0).mean())}
     return {
         "accuracy": {k: float(acc[row[k]]) for k in methods},
         "ci95": {k: [float(x) for x in ci[row[k]]] for k in methods},
         "single_agents": {k: {"accuracy": float(acc[row[f"base:{k}"]]),
                               "ci95": [float(x) for x in ci[row[f"base:{k}"]]]} for k in singles},
         "improvement": improvement,
+        "differences": differences,
     }
 
 
@@ -312,7 +325,13 @@ def fig3_figure(metrics: Mapping, title: str = "MMLU accuracy (test split), 95% 
         ci.append(metrics["ci95"][m])
         colors.append("#d62728" if m.startswith("moe2") else "#bcbd22" if m == "oracle" else "#1f77b4")
     acc, ci = np.array(acc), np.array(ci)
-    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 3.8))
+    diffs = metrics.get("differences") or {}
+    if diffs:
+        fig, (ax, axd) = plt.subplots(1, 2, figsize=(1.0 * len(names) + 8, 3.8),
+                                      gridspec_kw={"width_ratios": [len(names), 6]})
+        _differences_axes(axd, diffs)
+    else:
+        fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 3.8))
     x = np.arange(len(names))
     ax.bar(x, acc, color=colors, yerr=np.abs(ci.T - acc), capsize=3)
     for xi, a, hi in zip(x, acc, ci[:, 1]):
@@ -324,6 +343,21 @@ def fig3_figure(metrics: Mapping, title: str = "MMLU accuracy (test split), 95% 
     ax.set_title(title + (f" (n={n_test})" if n_test else ""), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _differences_axes(ax, diffs: Mapping) -> None:
+    """Paired differences a − b (points) with their 95% bootstrap intervals; the zero line marks no gain."""
+    keys = list(diffs)[::-1]
+    d = np.array([100 * diffs[k]["difference"] for k in keys])
+    ci = np.array([[100 * x for x in diffs[k]["ci95"]] for k in keys])
+    y = np.arange(len(keys))
+    colors = ["#2ca02c" if lo > 0 else "#d62728" if hi < 0 else "#7f7f7f" for lo, hi in ci]
+    ax.barh(y, d, color=colors, xerr=np.abs(ci.T - d), capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    label = lambda m: LABELS.get(m, m)  # noqa: E731
+    ax.set_yticks(y, [" − ".join(label(m) for m in k.split("-")) for k in keys], fontsize=7)
+    ax.set_xlabel("accuracy difference (points), paired bootstrap 95% CI")
+    ax.set_title("green: interval above 0", fontsize=8)
 
 
 def training_figure(history: Sequence[Mapping], best_epoch: int | None = None):
@@ -377,3 +411,127 @@ def theorems_figure(theorem1: Mapping, theorem2: Mapping):
                   fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- one Fig. 3 experiment
+
+def temper(probs, temperature) -> np.ndarray:
+    """``probs`` [N, K, C] sharpened (T < 1) or flattened (T > 1) per expert: p^(1/T_k), renormalised.
+
+    The same as dividing each expert's logits by T_k; padded choices (probability 0) stay 0.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(temperature, dtype=np.float64), probs.shape[1:2])
+    with np.errstate(divide="ignore"):
+        z = np.log(probs) / t[None, :, None]
+    z -= z.max(-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(-1, keepdims=True)
+
+
+def fit_temperatures(probs, answer) -> np.ndarray:
+    """Per expert, the temperature minimising the NLL of the correct choice (:func:`moe2lib.choice.fit_temperature`) → (K,).
+
+    Choice-likelihood scores normalised per character are on a small scale (differences of ~0.1 nat):
+    their softmax is nearly flat and fusion (eq. 3) would be decided by the few sharp experts. Fit this
+    on the gating-training split only; padded choices (probability 0) are left out.
+    """
+    from .choice import fit_temperature
+
+    probs = np.asarray(probs, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        logp = np.log(probs)
+    return np.array([fit_temperature(logp[:, k], answer, mask=probs[:, k] > 0) for k in range(probs.shape[1])])
+
+
+def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "gating.GatingNetwork"], *,
+                    top_k: int, n_bootstrap: int = 1000, seed: int = 0, calibrate: bool = True) -> dict:
+    """Fig. 3 on one split: calibrate and train the gating on ``train`` rows, score every method on ``test``.
+
+    ``experts`` and ``base`` are :class:`~moe2lib.scoring.Scores` aligned row by row with ``X``. Temperatures
+    (``calibrate``), the best expert and the single agent's base model are all chosen on ``train``.
+    Returns the metrics (Fig. 3 accuracies, intervals, relative gains, paired differences, per task), the
+    fitted network, the gating values of every row and the calibrated probabilities.
+    """
+    train, test = np.asarray(train), np.asarray(test)
+    t_exp = fit_temperatures(experts.probs[train], experts.answer[train]) if calibrate else np.ones(len(experts.experts))
+    t_base = fit_temperatures(base.probs[train], base.answer[train]) if calibrate else np.ones(len(base.experts))
+    P, PB = temper(experts.probs, t_exp), temper(base.probs, t_base)
+    y = experts.answer
+    net = make_network().fit(X[train], P[train], y[train], x_qid=experts.qid[train], qid=experts.qid[train])
+    G = net.predict_proba(X)
+    best = best_expert(P[train], y[train])
+    best_base = best_expert(PB[train], y[train])
+    methods, singles = correctness(P[test], y[test], G[test], best=best, top_k=top_k, base_probs=PB[test],
+                                   base_names=[str(b) for b in base.experts], best_base=best_base)
+    fig3 = fig3_metrics(methods, singles, n_bootstrap=n_bootstrap, seed=seed)
+    tasks = np.asarray(experts.subject)[test]
+    per_task = {str(t): {"n": int((tasks == t).sum()),
+                         **{m: float(v[tasks == t].mean()) for m, v in methods.items()}}
+                for t in np.unique(tasks)}
+    metrics = {**fig3, "n_test": int(len(test)), "n_train": int(len(train)), "per_task": per_task,
+               "experts": {str(e): float(a) for e, a in zip(experts.experts, correct_matrix(P[test], y[test]).mean(0))},
+               "best_expert": str(experts.experts[best]), "single_agent_model": str(base.experts[best_base]),
+               "top_k": int(top_k), "temperatures": {"experts": t_exp.tolist(), "base": t_base.tolist()}}
+    return {"metrics": metrics, "network": net, "gate": G, "probs": P, "base_probs": PB}
+
+
+def stratified_resplit(groups, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) rows with ``n_test`` test rows spread over ``groups`` (e.g. tasks) in proportion."""
+    groups = np.asarray(groups).astype(str)
+    rng = np.random.default_rng(seed)
+    if not 0 < n_test < len(groups):
+        raise InputError(f"n_test must be in 1..{len(groups) - 1}, got {n_test}", param="n_test")
+    test = []
+    share = n_test / len(groups)
+    names = np.unique(groups)
+    quota = {g: int(np.floor(share * (groups == g).sum())) for g in names}
+    for g in rng.permutation(names)[: n_test - sum(quota.values())]:  # largest-remainder style, seeded
+        quota[g] += 1
+    for g in names:
+        rows = np.flatnonzero(groups == g)
+        test.extend(rng.choice(rows, size=min(quota[g], len(rows)), replace=False).tolist())
+    test = np.sort(np.array(test, dtype=np.int64))
+    return np.setdiff1d(np.arange(len(groups)), test), test
+
+
+NETWORK_KEYS = ("hidden", "dropout", "lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm",
+                "max_epochs", "patience", "val_fraction", "lr_factor", "lr_patience")
+
+
+def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict:
+    """Fig. 3 again on a new seeded gating-training/test split of a finished run, from its artifacts alone.
+
+    Reads ``scoring/scores.npz``, ``base_models/scores.npz`` and ``gating/embeddings.npz`` (no model runs),
+    re-draws the test rows with ``seed`` (as many as the run had, in proportion per task), retrains the
+    gating with the run's parameters (``gating/meta.json``) and returns the metrics dict of
+    :func:`fig3_experiment` with ``seed`` added.
+    """
+    from pathlib import Path
+
+    from . import artifacts, gating
+    from .scoring import Scores
+
+    art = Path(artifacts_dir)
+    paths = {n: art / rel for n, rel in (("experts", "scoring/scores.npz"), ("base", "base_models/scores.npz"),
+                                         ("embeddings", "gating/embeddings.npz"), ("split", "gating/split.npz"))}
+    for p in paths.values():
+        if not p.exists():
+            raise InputError("not found: run the pipeline (choice scoring) first, or pass the run's folder",
+                             path=p)
+    meta = artifacts.read_meta(art / "gating") or {}
+    params = meta.get("params", {})
+    emb = artifacts.read_npz(paths["embeddings"])
+    qid = emb["qid"].astype(str)
+    E = align_scores(qid, Scores.load(paths["experts"]), path=paths["experts"])
+    B = align_scores(qid, Scores.load(paths["base"]), answer=E.answer, path=paths["base"])
+    split = artifacts.read_npz(paths["split"])
+    n_test = int(np.asarray(split["test"]).sum())
+    train, test = stratified_resplit(E.subject, n_test, seed)
+    net_params = {k: (tuple(params[k]) if k == "hidden" else params[k]) for k in NETWORK_KEYS if k in params}
+    run = fig3_experiment(emb["X"].astype(np.float32), E, B, train, test,
+                          lambda: gating.GatingNetwork(**net_params, seed=seed, n_threads=1),
+                          top_k=int(params.get("top_k", 2)),
+                          n_bootstrap=int(n_bootstrap or params.get("n_bootstrap", 1000)), seed=seed,
+                          calibrate=bool(params.get("calibrate", True)))
+    return {**run["metrics"], "seed": seed}

@@ -22,7 +22,7 @@ REPO = artifacts.REPO_ROOT
 NOTEBOOKS = REPO / "notebooks"
 CONFIGS = REPO / "configs"
 PROFILES = ("smoke", "default", "paper")
-SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int, "n_questions": int}
+SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int, "n_questions": int, "benchmark": dict}
 
 
 @dataclass(frozen=True)

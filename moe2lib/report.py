@@ -73,40 +73,34 @@ def _show(path: Path) -> str:
 # --------------------------------------------------------------------------- one function per stage
 
 def draw_base_models(art: Path, out: Writer) -> None:
-    """Per-subject accuracy and answer-letter bias of the base models, from their scores."""
+    """Per-task accuracy above chance (choice scores) and, where scored, MMLU's answer-letter bias."""
     from . import plots
     from .scoring import Scores
 
-    scores = Scores.load(_need(art / "base_models" / "scores_mmlu.npz"))
-    out.figure(plots.subject_accuracy_figure(scores, "Base models: MMLU accuracy per subject"),
-               "base_models_subject_accuracy.png")
-    out.figure(plots.letter_bias_figure(scores, "Base models: answer-letter bias"), "base_models_letter_bias.png")
-
-
-def mmlu_subject(qid: str) -> str:
-    """The subject of an MMLU question id ``mmlu/<split>/<subject>_<split>.csv:<line>`` (``Question.source``)."""
-    path = Path(str(qid).rsplit(":", 1)[0])
-    split = path.parent.name
-    return path.stem if split == "auxiliary_train" else path.stem.removesuffix(f"_{split}")
+    d = art / "base_models"
+    scores = Scores.load(_need(d / "scores.npz"))
+    out.figure(plots.task_accuracy_figure(scores, "Base models: accuracy above chance per task"),
+               "base_models_task_accuracy.png")
+    if (d / "scores_mmlu_letter.npz").exists():
+        letter = Scores.load(d / "scores_mmlu_letter.npz")
+        out.figure(plots.letter_bias_figure(letter, "Base models on MMLU, asked for the letter: answer-letter bias"),
+                   "base_models_letter_bias.png")
 
 
 def draw_clustering(art: Path, out: Writer) -> None:
-    """Subject x cluster heatmap: clusters from clusters.npz, cluster labels from metrics.json."""
+    """UMAP of the evaluation prompts and the task x cluster heatmap, labels from metrics.json."""
     from . import clustering
 
     d = art / "clustering"
     cz = artifacts.read_npz(_need(d / "clusters.npz"))
     metrics = _read_json(d / "metrics.json")
     k = len(cz["centroids"])
-    subjects = np.array([mmlu_subject(q) for q in cz["mmlu_qid"].tolist()])
-    by_cluster = {c["cluster"]: c for c in metrics["clusters"]}
-    labels = [clustering.cluster_label(by_cluster[c]["terms"],
-                                       [(s["subject"], s["share"]) for s in by_cluster[c]["top_mmlu_subjects"]])
-              for c in range(k)]
+    labels = [c["label"] for c in sorted(metrics["clusters"], key=lambda c: c["cluster"])]
     umap = artifacts.read_npz(_need(d / "umap.npz"))
-    out.figure(clustering.umap_figure(umap["xy"], umap["cluster"], k, labels, "MMLU test prompts by cluster (UMAP)"),
-               "clustering_umap.png")
-    out.figure(clustering.subject_heatmap(subjects, cz["mmlu_cluster"], k, labels), "clustering_subjects.png")
+    out.figure(clustering.umap_figure(umap["xy"], umap["cluster"], k, labels,
+                                      "Gating-training and test prompts by cluster (UMAP)"), "clustering_umap.png")
+    out.figure(clustering.subject_heatmap(cz["eval_task"], cz["eval_cluster"], k, labels, "Tasks x prompt clusters"),
+               "clustering_subjects.png")
 
 
 def draw_experts(art: Path, out: Writer) -> None:
@@ -114,32 +108,33 @@ def draw_experts(art: Path, out: Writer) -> None:
     from . import finetune
 
     d = art / "experts"
-    histories = {}
+    runs = {}
     for e in _read_json(d / "experts.json"):
         role = e.get("role") or finetune.paper_role(e["base_model"], e["cluster"])
-        histories[f"{e['name']} ({role.split(' ')[0]})"] = _read_json(
-            d / e.get("peft_dir", f"peft/{e['name']}") / "history.json")
-    out.figure(finetune.curves_figure(histories, "Experts: LoRA training loss per step"),
-               "experts_training_curves.png")
+        runs[e["name"]] = (role, _read_json(d / e.get("peft_dir", f"peft/{e['name']}") / "history.json"))
+    target = (_read_json(d / artifacts.META_NAME).get("params") or {}).get("target", "letter")
+    out.figure(finetune.expert_curves_figure(runs, target), "experts_training_curves.png")
 
 
 def draw_scoring(art: Path, out: Writer) -> None:
-    """Per-cluster gain over the base model (metrics.json) and letter bias of base models and experts (scores)."""
+    """Who knows what per task (base models and experts, from their scores) and per-cluster gains (metrics.json)."""
     from . import clustering, plots, scoring
     from .scoring import Scores
 
     d = art / "scoring"
     metrics = _read_json(d / "metrics.json")
+    scores = Scores.load(_need(d / "scores.npz"))
+    base_path = _need(art / "base_models" / "scores.npz")
+    base = scoring.align(Scores.load(base_path), scores.qid, path=base_path)
+    out.figure(plots.task_accuracy_figure(scoring.concat_experts(base, scores),
+                                          "Base models and experts: accuracy above chance per task"),
+               "scoring_task_accuracy.png")
     rows = metrics["experts"]
     delta = np.array([[_nan(x) for x in e["cluster_delta"]] for e in rows])
     out.figure(clustering.specialisation_heatmap(delta, metrics["cluster_counts"], [e["name"] for e in rows],
-                                                 [e["cluster"] for e in rows]), "scoring_cluster_delta.png")
-    scores = Scores.load(_need(d / "scores_mmlu.npz"))
-    base_path = _need(art / "base_models" / "scores_mmlu.npz")
-    base = scoring.align(Scores.load(base_path), scores.qid, path=base_path)
-    out.figure(plots.letter_bias_figure(scoring.concat_experts(base, scores),
-                                        "Answer-letter bias: base models (first) and experts"),
-               "scoring_letter_bias.png")
+                                                 [e["cluster"] for e in rows],
+                                                 "Expert accuracy minus its base model's, per prompt cluster"),
+               "scoring_cluster_delta.png")
 
 
 def _expert_names(art: Path) -> list[str]:
@@ -166,7 +161,8 @@ def draw_gating(art: Path, out: Writer) -> None:
     net = _read_json(d / "gating.json")
     out.figure(evaluation.training_figure(net["history"], net["best_epoch"]), "gating_training.png")
     metrics = _read_json(d / "metrics.json")
-    out.figure(evaluation.fig3_figure(metrics), "gating_fig3.png")
+    out.figure(evaluation.fig3_figure(metrics, f"{metrics.get('benchmark', 'MMLU')} accuracy (test split), "
+                                              "95% bootstrap intervals"), "gating_fig3.png")
     out.figure(evaluation.theorems_figure(metrics["theorem1"], metrics["theorem2"]["test"]), "gating_theorems.png")
 
 
@@ -189,7 +185,7 @@ def draw_tables(art: Path, out: Writer) -> None:
         out.wrote(path)
     out.figure(tables.heatmap_figure(results, metrics["experts"]), "tables_heatmaps.png")
 
-    train, test, experts = tables.load_splits(_need(art / "scoring" / "scores_mmlu.npz"),
+    train, test, experts = tables.load_splits(_need(art / "scoring" / "scores.npz"),
                                               _need(art / "gating" / "gate.npz"))
     profiles = profiling.load_profiles(_need(art / "profiles" / "profiles.json"), experts)
     app_class = params["app_class"]

@@ -44,6 +44,7 @@ class Scores:
     qid: np.ndarray
     n_tokens: np.ndarray
     experts: np.ndarray
+    n_choices: np.ndarray | None = None  # choices per question where they differ (probs padded with 0s)
 
     @property
     def n(self) -> int:
@@ -56,13 +57,21 @@ class Scores:
     def subset(self, rows) -> "Scores":
         rows = np.asarray(rows)
         return Scores(self.probs[rows], self.answer[rows], self.subject[rows], self.qid[rows],
-                      self.n_tokens[rows], self.experts)
+                      self.n_tokens[rows], self.experts, None if self.n_choices is None else self.n_choices[rows])
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(N, C) bool: which padded choice slots are real choices."""
+        c = self.probs.shape[-1]
+        counts = np.full(self.n, c) if self.n_choices is None else self.n_choices
+        return np.arange(c)[None, :] < np.asarray(counts)[:, None]
 
     def save(self, path) -> Path:
         validate(self, path)
         _check_unique(self, path)
+        extra = {} if self.n_choices is None else {"n_choices": self.n_choices}
         return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.subject,
-                                   qid=self.qid, n_tokens=self.n_tokens, experts=self.experts)
+                                   qid=self.qid, n_tokens=self.n_tokens, experts=self.experts, **extra)
 
     @classmethod
     def load(cls, path) -> "Scores":
@@ -70,7 +79,8 @@ class Scores:
         missing = [k for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts") if k not in data]
         if missing:
             raise InputError(f"scores file lacks {missing}", path=path)
-        scores = cls(**{k: data[k] for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts")})
+        scores = cls(**{k: data[k] for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts")},
+                     n_choices=data.get("n_choices"))
         validate(scores, path)
         _check_unique(scores, path)
         return scores
@@ -111,6 +121,18 @@ def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
         raise InputError(f"probs[{i[0]}, {i[1]}] sums to {sums[i[0], i[1]]:.6f}, not 1", path=path, param="probs")
     if ((s.answer < 0) | (s.answer >= c)).any():
         raise InputError(f"answer has values outside 0..{c - 1}", path=path, param="answer")
+    if s.n_choices is not None:
+        nc = np.asarray(s.n_choices)
+        if nc.shape != (n,) or not np.issubdtype(nc.dtype, np.integer) or ((nc < 2) | (nc > c)).any():
+            raise InputError(f"n_choices must be (N={n},) integers in 2..{c}", path=path, param="n_choices")
+        if (s.answer >= nc).any():
+            raise InputError(f"answer of row {int(np.argmax(s.answer >= nc))} is beyond its n_choices",
+                             path=path, param="answer")
+        beyond = (s.probs > 0) & ~s.mask[:, None, :]
+        if beyond.any():
+            i = np.argwhere(beyond)[0]
+            raise InputError(f"probs[{i[0]}, {i[1]}] puts mass on choice {i[2]} of {nc[i[0]]}", path=path,
+                             param="probs")
 
 
 def _check_unique(s: Scores, path=None) -> None:
@@ -124,8 +146,7 @@ def _check_unique(s: Scores, path=None) -> None:
 
 def score_questions(questions: Sequence[Question], experts, out_path, *, template: str = DEFAULT_TEMPLATE,
                     chunk: int = 32, progress: bool = True) -> Scores:
-    """Score every question with every expert; resumable, written atomically to ``out_path``."""
-    out_path = Path(out_path)
+    """Score every question by its answer letter with every expert; resumable, written atomically to ``out_path``."""
     if not questions:
         raise InputError("no questions to score", param="questions")
     n_choices = {len(q.choices) for q in questions}
@@ -133,19 +154,66 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
         raise InputError(f"questions have different numbers of choices {sorted(n_choices)}", param="questions")
     c = n_choices.pop()
     prompts = [format_prompt(q, template) for q in questions]
+
+    def score(expert, rows):
+        batch = [prompts[i] for i in rows]
+        return expert.choice_probs(batch, c), [expert.count_tokens(p) for p in batch]
+
+    return _score_resumable(experts, out_path, score, qid=[q.source for q in questions], work=prompts,
+                            answer=[q.answer for q in questions], subject=[q.subject for q in questions],
+                            width=c, chunk=chunk, progress=progress)
+
+
+def score_items(items, experts, out_path, *, normalisation: str = "char", width: int | None = None,
+                chunk: int = 32, progress: bool = True) -> Scores:
+    """Score :class:`~moe2lib.tasks.ChoiceItem`s by the likelihood of each choice's text; resumable, atomic.
+
+    Each expert's distribution over a question's choices is the softmax of its normalised continuation
+    log-likelihoods (:func:`moe2lib.choice.normalise`); rows are padded with zeros to ``width`` choices
+    (default: the most any item has) and ``n_choices`` records the real count. ``n_tokens`` is the length
+    of the (first choice's) prompt in each expert's tokens.
+    """
+    from . import choice
+
+    if not items:
+        raise InputError("no questions to score", param="items")
+    width = width or max(it.n_choices for it in items)
+    requests = [it.pairs() for it in items]
+
+    def score(expert, rows):
+        probs = np.zeros((len(rows), width), dtype=np.float32)
+        for r, z in enumerate(choice.score(expert, [requests[i] for i in rows], normalisation)):
+            probs[r, :len(z)] = choice.choice_distribution(z)
+        return probs, [expert.count_tokens(items[i].contexts[0]) for i in rows]
+
+    return _score_resumable(experts, out_path, score, qid=[it.qid for it in items],
+                            work=[[requests[i], normalisation] for i in range(len(items))],
+                            answer=[it.gold for it in items], subject=[it.task for it in items], width=width,
+                            n_choices=[it.n_choices for it in items], chunk=chunk, progress=progress)
+
+
+def _score_resumable(experts, out_path, score, *, qid, work, answer, subject, width: int, n_choices=None,
+                     chunk: int, progress: bool) -> Scores:
+    """Run ``score(expert, rows) -> (probs[len(rows), width], n_tokens)`` over all rows and experts.
+
+    Checkpointed per expert every ``chunk`` rows into ``<out>.partial/`` keyed by the questions, the work
+    (prompts), the expert names and identities (a retrained adapter is new work); the result is written
+    atomically and the checkpoint removed only then.
+    """
+    out_path = Path(out_path)
     labels = [e.label for e in experts]
     if len(set(labels)) != len(labels):
         raise InputError(f"expert names must be unique, got {labels}", param="experts")
-    n, k = len(questions), len(experts)
+    n, k = len(qid), len(experts)
     partial = out_path.with_name(out_path.name + ".partial")
-    key = artifacts.digest({"qid": [q.source for q in questions], "prompts": prompts, "experts": labels,
-                            "identity": [e.identity() for e in experts]})  # a retrained adapter is new work
+    key = artifacts.digest({"qid": list(qid), "prompts": work, "experts": labels,
+                            "identity": [e.identity() for e in experts]})
     manifest = partial / "manifest.json"
     if partial.exists() and (not manifest.exists() or artifacts.read_json(manifest).get("key") != key):
         shutil.rmtree(partial)
     artifacts.write_json(manifest, {"key": key, "experts": labels, "n": n})
 
-    probs = np.zeros((n, k, c), dtype=np.float32)
+    probs = np.zeros((n, k, width), dtype=np.float32)
     n_tokens = np.zeros((n, k), dtype=np.int32)
     done = np.zeros(k, dtype=np.int64)
     for j, label in enumerate(labels):
@@ -168,9 +236,7 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
         try:
             for start in range(int(done[j]), n, chunk):
                 stop = min(n, start + chunk)
-                batch = prompts[start:stop]
-                probs[start:stop, j] = expert.choice_probs(batch, c)
-                n_tokens[start:stop, j] = [expert.count_tokens(p) for p in batch]
+                probs[start:stop, j], n_tokens[start:stop, j] = score(expert, range(start, stop))
                 artifacts.write_npz(partial / f"expert{j}.npz", probs=probs[:stop, j], n_tokens=n_tokens[:stop, j])
                 if bar is not None:
                     bar.update(stop - start)
@@ -178,9 +244,9 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
             expert.close()
     if bar is not None:
         bar.close()
-    scores = Scores(probs=probs, answer=np.array([q.answer for q in questions], dtype=np.int64),
-                    subject=np.array([q.subject for q in questions]), qid=np.array([q.source for q in questions]),
-                    n_tokens=n_tokens, experts=np.array(labels))
+    scores = Scores(probs=probs, answer=np.asarray(answer, dtype=np.int64), subject=np.array(subject),
+                    qid=np.array(qid), n_tokens=n_tokens, experts=np.array(labels),
+                    n_choices=None if n_choices is None else np.asarray(n_choices, dtype=np.int64))
     scores.save(out_path)
     shutil.rmtree(partial, ignore_errors=True)
     return scores
@@ -224,7 +290,8 @@ def concat_experts(*parts: Scores) -> Scores:
         if not np.array_equal(p.qid, first.qid) or not np.array_equal(p.answer, first.answer):
             raise InputError("scores to concatenate must list the same questions in the same order", param="qid")
     return Scores(np.concatenate([p.probs for p in parts], 1), first.answer, first.subject, first.qid,
-                  np.concatenate([p.n_tokens for p in parts], 1), np.concatenate([p.experts for p in parts]))
+                  np.concatenate([p.n_tokens for p in parts], 1), np.concatenate([p.experts for p in parts]),
+                  first.n_choices)
 
 
 def lookup_clusters(qid, cluster_qid, cluster, path=None) -> np.ndarray:
@@ -283,3 +350,33 @@ def base_columns(base: Scores, base_models) -> np.ndarray:
                              param="base_model")
         out.append(names.index(label))
     return np.array(out, dtype=np.int64)
+
+
+def own_cluster_gain(scores: Scores, base: Scores, clusters, expert_cluster, *, n_bootstrap: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> dict:
+    """Each expert's accuracy gain over its own base model on the questions of its own cluster, with CIs.
+
+    ``base`` holds, column j, expert j's un-tuned base model on the same rows (see :func:`base_columns`).
+    Per expert the gain is the mean paired difference (expert right − base right) over its cluster's
+    questions, with a percentile bootstrap interval over those questions; ``mean`` averages the experts'
+    gains (each resampled independently) — the "own-cluster gain" of the specialisation goal.
+    """
+    from .evaluation import percentile_interval
+
+    clusters = np.asarray(clusters, dtype=np.int64)
+    d = correct_matrix(scores.probs, scores.answer) - correct_matrix(base.probs, base.answer)
+    rng = np.random.default_rng(seed)
+    per, boots = [], []
+    for j, c in enumerate(expert_cluster):
+        rows = np.flatnonzero(clusters == c) if c is not None and c >= 0 else np.array([], dtype=np.int64)
+        if not rows.size:
+            per.append({"n": 0, "gain": None, "ci95": None})
+            continue
+        boot = d[rows, j][rng.integers(0, rows.size, size=(n_bootstrap, rows.size))].mean(1)
+        boots.append(boot)
+        per.append({"n": int(rows.size), "gain": float(d[rows, j].mean()),
+                    "ci95": [float(x) for x in percentile_interval(boot, level)]})
+    gains = [p["gain"] for p in per if p["gain"] is not None]
+    mean = None if not boots else {"gain": float(np.mean(gains)),
+                                   "ci95": [float(x) for x in percentile_interval(np.mean(boots, 0), level)]}
+    return {"experts": per, "mean": mean}

@@ -215,8 +215,13 @@ def markdown(table, title: str) -> str:
 
 
 def load_splits(scores_path, gate_path) -> tuple[Split, Split, list[str]]:
-    """The gating stage's train and test prompts: ``gate.npz`` (qid, gate[N, K], train[N]) joined to the scores by qid."""
+    """The gating stage's train and test prompts: ``gate.npz`` (qid, gate[N, K], train[N]) joined to the scores by qid.
+
+    Where the gating stage calibrated the experts (``temperature`` in gate.npz), the probabilities are
+    tempered the same way.
+    """
     from . import artifacts
+    from .evaluation import temper
     from .scoring import Scores
 
     scores = Scores.load(scores_path)
@@ -229,7 +234,8 @@ def load_splits(scores_path, gate_path) -> tuple[Split, Split, list[str]]:
                          path=gate_path, param="gate")
     rows = align_rows(g["qid"], scores.qid, path=gate_path)
     train = g["train"].astype(bool)
-    split = lambda sel: Split(g["gate"][sel], scores.probs[rows[sel]], scores.answer[rows[sel]])  # noqa: E731
+    probs = scores.probs if "temperature" not in g else temper(scores.probs, g["temperature"])  # as the gating saw them
+    split = lambda sel: Split(g["gate"][sel], probs[rows[sel]], scores.answer[rows[sel]])  # noqa: E731
     return split(train), split(~train), [str(e) for e in scores.experts]
 
 

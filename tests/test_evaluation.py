@@ -80,6 +80,20 @@ def test_relative_improvement_is_the_papers_form():
     assert 0.6 < lo < 0.75 < hi < 0.9
 
 
+def test_paired_difference_intervals():
+    """Nested correct sets: MoE2 - baseline is >= 0 in every resample; equal vectors differ by exactly 0."""
+    same = np.r_[np.ones(40), np.zeros(60)]
+    metrics = evaluation.fig3_metrics({"single_agent": same, "majority_voting": same.copy(),
+                                       "moe2": np.r_[np.ones(55), np.zeros(45)]}, n_bootstrap=400, seed=1)
+    d = metrics["differences"]
+    assert d["moe2-single_agent"]["difference"] == pytest.approx(0.15)
+    lo, hi = d["moe2-single_agent"]["ci95"]
+    assert 0 < lo < 0.15 < hi and d["moe2-single_agent"]["p_le_0"] == 0.0
+    assert set(d) == {"moe2-single_agent", "moe2-majority_voting"}  # pairs whose methods are present
+    tie = evaluation.fig3_metrics({"moe2": same, "single_agent": same}, n_bootstrap=50)["differences"]
+    assert tie["moe2-single_agent"]["ci95"] == [0.0, 0.0] and tie["moe2-single_agent"]["p_le_0"] == 1.0
+
+
 def test_theorem2_check_counts_exactly_the_rising_pairs():
     # expert 0 always right, expert 1 always wrong, expert 2 half right: adding 1 or 2 to {0} raises the loss
     n = 40
@@ -190,3 +204,52 @@ def test_single_agent_is_the_base_model_chosen_on_train():
     assert methods["single_agent"].mean() == 1.0
     with pytest.raises(InputError, match="best_base"):
         evaluation.correctness(probs, answer, gate, best=0, top_k=1, base_probs=base, best_base=2)
+
+
+def test_temper_is_a_logit_temperature_and_keeps_padding():
+    p = np.array([[[0.7, 0.2, 0.1, 0.0]]])
+    z = np.log(p[0, 0, :3])
+    want = np.exp(z / 0.5) / np.exp(z / 0.5).sum()
+    np.testing.assert_allclose(evaluation.temper(p, 0.5)[0, 0, :3], want)
+    assert evaluation.temper(p, 0.5)[0, 0, 3] == 0.0
+    np.testing.assert_allclose(evaluation.temper(p, 1.0), p)
+
+
+def test_fit_temperatures_recovers_the_generating_one():
+    """Answers drawn from softmax(z / 2): the NLL-optimal temperature of softmax(z) is about 2."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (4000, 4))
+    true = np.exp(z / 2) / np.exp(z / 2).sum(1, keepdims=True)
+    answer = np.array([rng.choice(4, p=row) for row in true])
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    t = evaluation.fit_temperatures(p[:, None, :], answer)
+    assert t.shape == (1,) and 1.7 < t[0] < 2.3
+
+
+def test_stratified_resplit_keeps_shares_and_depends_on_seed():
+    groups = np.array(["a"] * 60 + ["b"] * 40)
+    train, test = evaluation.stratified_resplit(groups, 30, seed=1)
+    assert len(test) == 30 and (groups[test] == "a").sum() == 18 and not set(train) & set(test)
+    assert len(train) + len(test) == 100
+    assert not np.array_equal(test, evaluation.stratified_resplit(groups, 30, seed=2)[1])
+    np.testing.assert_array_equal(test, evaluation.stratified_resplit(groups, 30, seed=1)[1])
+
+
+def test_fig3_experiment_routes_synthetic_experts_near_the_oracle():
+    """Expert 0 knows task 1, expert 1 task 2: MoE2 is near the oracle and above voting and the base model."""
+    from moe2lib.scoring import Scores
+
+    X, probs, answer, cluster = gating.synthetic_experts(n=400, seed=3)
+    n = len(answer)
+    qid = np.array([f"q{i}" for i in range(n)])
+    E = Scores(probs, answer, np.where(cluster == 0, "task1", "task2"), qid, np.ones((n, 3), int),
+               np.array(["e0", "e1", "e2"]))
+    B = Scores(probs[:, 2:], answer, E.subject, qid, np.ones((n, 1), int), np.array(["base"]))
+    train, test = evaluation.stratified_resplit(E.subject, 200, seed=0)
+    run = evaluation.fig3_experiment(X, E, B, train, test, lambda: gating.GatingNetwork(max_epochs=60, seed=0),
+                                     top_k=1, n_bootstrap=200)
+    m = run["metrics"]
+    assert m["accuracy"]["moe2"] >= 0.95 and m["accuracy"]["oracle"] == 1.0
+    assert m["differences"]["moe2-majority_voting"]["ci95"][0] > 0.2
+    assert m["differences"]["moe2-single_agent"]["ci95"][0] > 0.5
+    assert set(m["per_task"]) == {"task1", "task2"} and m["n_test"] == 200

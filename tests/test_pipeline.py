@@ -26,7 +26,7 @@ def test_profiles_load_and_match_their_notebooks():
     ("seed: 0\nsede: 1\n", r"p\.yaml:2, parameter 'sede': unknown key"),
     ("seed: zero\n", r"p\.yaml:1, parameter 'seed': seed has the wrong type str"),
     ("seed: 0\nbase_models:\n  n_question: 3\n", r"p\.yaml:3, parameter 'base_models.n_question'.*has no parameter"),
-    ("seed: 0\nbase_models:\n  n_questions: many\n", r"p\.yaml:3, parameter 'base_models.n_questions': expected int, got str"),
+    ("seed: 0\nprofiles:\n  n_questions: many\n", r"p\.yaml:3, parameter 'profiles.n_questions': expected int, got str"),
     ("seed: 0\nbase_models: [1\n", r"p\.yaml:\d+: invalid YAML"),
 ])
 def test_bad_profiles_name_file_and_key(tmp_path, text, message):
@@ -50,11 +50,13 @@ def test_smoke_pipeline_runs_then_skips(smoke_run):
     tmp_path, outcome, logs = smoke_run
     assert set(outcome.values()) == {"ran"}
     meta = artifacts.read_meta(tmp_path / "artifacts" / "base_models")
-    assert meta["pipeline"]["profile"] == "smoke" and meta["params"]["n_questions"] == 24
+    assert meta["pipeline"]["profile"] == "smoke" and meta["params"]["benchmark"]["cap_eval"] == 12
     assert meta["git_commit"] is None or len(meta["git_commit"]) >= 40
     metrics = json.loads((tmp_path / "artifacts" / "base_models" / "metrics.json").read_text())
-    assert metrics["n_questions"] == 24 and set(metrics["accuracy"]) == {"smollm2-135m-instruct", "gemma3-270m"}
-    for fig in ("base_models_subject_accuracy.png", "base_models_letter_bias.png"):
+    assert metrics["n_questions"] == 48 and set(metrics["accuracy"]) == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert set(metrics["per_task"]) == {"mmlu", "arc_easy", "winogrande", "boolq"}
+    assert set(metrics["mmlu_letter_vs_choice"]["gemma3-270m"]) == {"letter", "choice"}
+    for fig in ("base_models_task_accuracy.png", "base_models_letter_bias.png"):
         assert (tmp_path / "figures" / fig).stat().st_size > 10_000
     art = tmp_path / "artifacts"
     experts = json.loads((art / "experts" / "experts.json").read_text())
@@ -65,6 +67,7 @@ def test_smoke_pipeline_runs_then_skips(smoke_run):
     assert set(gating["accuracy"]) >= {"single_agent", "average_expert", "majority_voting", "best_expert",
                                        "router_top1", "moe2", "moe2_topk", "oracle"}
     assert all(0 <= v <= 1 for v in gating["accuracy"].values())
+    assert gating["n_test"] + gating["n_train"] == 48 and "moe2-single_agent" in gating["differences"]
     assert len(list((art / "tables").glob("*.csv"))) == 6 and (art / "tables" / "tables.md").exists()
     assert (art / "fusion" / "trace.json").exists()
     for stage in pipeline.STAGES:
@@ -114,8 +117,28 @@ def test_same_seed_gives_identical_metrics(smoke_run, tmp_path):
     for name in sorted(p.name for p in first.glob("tables/paper-testbed_*.csv")):
         assert (first / "tables" / name).read_text() == (second / "tables" / name).read_text(), name
     import numpy as np
-    for rel in ("scoring/scores_mmlu.npz", "gating/gate.npz"):
+    for rel in ("scoring/scores.npz", "gating/gate.npz"):
         with np.load(first / rel) as a, np.load(second / rel) as b:
             assert sorted(a.files) == sorted(b.files)
             for key in a.files:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{rel}:{key}")
+
+
+def test_evaluate_resplits_a_finished_run_without_models(smoke_run):
+    """`evaluate --seed S` retrains the gating on a new split from the run's artifacts and prints Fig. 3 as JSON."""
+    root = smoke_run[0]
+    out = subprocess.run([sys.executable, "-m", "moe2lib", "evaluate", "--bench", "edge-mix", "--seed", "7",
+                          "--profile", "smoke", "--out", str(root), "--n-bootstrap", "100"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    gating = json.loads((root / "artifacts" / "gating" / "metrics.json").read_text())
+    assert result["n_test"] == gating["n_test"] and result["seed"] == 7
+    assert set(result["accuracy"]) == set(gating["accuracy"])
+    lo, hi = result["differences"]["moe2-single_agent"]["ci95"]
+    assert lo <= result["differences"]["moe2-single_agent"]["difference"] <= hi
+    again = subprocess.run([sys.executable, "-m", "moe2lib", "evaluate", "--seed", "7", "--profile", "smoke",
+                            "--out", str(root), "--n-bootstrap", "100"], capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout) == result  # seeded: the same split, gating and intervals
+    wrong = subprocess.run([sys.executable, "-m", "moe2lib", "evaluate", "--bench", "mmlu", "--seed", "1",
+                            "--profile", "smoke", "--out", str(root)], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "edge-mix" in wrong.stderr

@@ -246,8 +246,8 @@ profile: smoke
 seed: 0
 data_dir: null
 n_threads: 1
-n_questions: 4
-base_models: {}
+benchmark: {name: edge-mix, tasks: [arc_easy], cap_expert: 4, cap_eval: 8, fractions: [0.5, 0.2, 0.3]}
+base_models: {letter_mmlu: false}
 """
 
 
@@ -257,14 +257,14 @@ def reproduce_base_models(cfg, out):
 
 @pytest.mark.slow
 def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
-    """The smoke profile's base_models stage on 4 questions, killed once its first model's scores are saved."""
+    """The smoke profile's base_models stage on 8 questions, killed once its first model's scores are saved."""
     digest = pipeline.library_digest()  # the stage keys compared below must not see edits made meanwhile
     monkeypatch.setattr(pipeline, "library_digest", lambda: digest)
     cfg = tmp_path / "smoke_small.yaml"
     cfg.write_text(SMALL_SMOKE)
     out = tmp_path / "run"
     stage = out / "artifacts" / "base_models"
-    part = stage / "scores_mmlu.npz.partial"
+    part = stage / "scores.npz.partial"
     child = _KillWhen("import test_reliability as t; t.reproduce_base_models(sys.argv[1], sys.argv[2])", cfg, out,
                       condition=lambda: any(stage.glob(".01_base_models.ipynb.*")) and (part / "expert0.npz").exists(),
                       log=tmp_path / "child.log")
@@ -272,19 +272,19 @@ def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
     child.beside(reproduce_base_models, cfg, ref)  # the uninterrupted reference
 
     assert not (stage / "meta.json").exists()  # not complete
-    assert _results(stage) == ["scores_mmlu.npz.partial/expert0.npz", "scores_mmlu.npz.partial/manifest.json"]
+    assert _results(stage) == ["scores.npz.partial/expert0.npz", "scores.npz.partial/manifest.json"]
 
     logs = []
     assert pipeline.reproduce(str(cfg), stages=["base_models"], out=out, log=logs.append) == {"base_models": "ran"}
     executed = (stage / "01_base_models.ipynb").read_text()
-    assert "resuming from the checkpoint" in executed and "4 of 8 scores already done" in executed
+    assert "resuming from the checkpoint" in executed and "8 of 16 scores already done" in executed
     assert not part.exists()
     assert not list(stage.glob(".*.tmp*"))  # the killed run's temporary notebook is cleared
 
     ref_stage = ref / "artifacts" / "base_models"
     assert _results(stage) == _results(ref_stage)
-    a, b = (scoring.Scores.load(d / "scores_mmlu.npz") for d in (stage, ref_stage))
-    for key in ("probs", "n_tokens", "answer", "qid", "experts"):
+    a, b = (scoring.Scores.load(d / "scores.npz") for d in (stage, ref_stage))
+    for key in ("probs", "n_tokens", "answer", "qid", "experts", "n_choices"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
     assert json.loads((stage / "metrics.json").read_text()) == json.loads((ref_stage / "metrics.json").read_text())
     meta, ref_meta = artifacts.read_meta(stage), artifacts.read_meta(ref_stage)
@@ -312,12 +312,12 @@ def _stage_errors(tmp_path, text):
     ("seed: 0\nfusion: {max_tokens: 8, prefix: 1}\n", 2, "fusion.prefix", "expected bool, got int 1"),
     ("seed: 0\nfusion:\n  top_k: 2.5\n", 3, "fusion.top_k", "expected int, got float 2.5"),
     ("seed: 0\nfusion:\n  top_k: true\n", 3, "fusion.top_k", "expected int, got bool True"),
-    ("seed: 0\nbase_models:\n  n_questions:\n", 3, "base_models.n_questions", "expected int, got null"),
+    ("seed: 0\nbase_models:\n  normalisation:\n", 3, "base_models.normalisation", "expected str, got null"),
     ("seed: 0\ngating:\n  hidden: 256\n", 3, "gating.hidden", "expected list, got int 256"),
     ("seed: 0\ngating:\n  hidden:\n    - 256\n    - 12.5\n", 5, "gating.hidden[1]", "items must be int, got float"),
     ("seed: 0\ntables:\n  delay_budgets: [1, null, soon]\n", 3, "tables.delay_budgets[2]",
      "items must be float or null, got str 'soon'"),
-    ("seed: 0\nclustering: {finetune_sources: mmlu_aux}\n", 2, "clustering.finetune_sources", "expected list"),
+    ("seed: 0\nclustering: {umap_points: many}\n", 2, "clustering.umap_points", "expected int"),
     ("seed: 0\nprofile: [smoke]\n", 2, "profile", "wrong type list"),
     ("seed: 0\nn_threads: 2\nseed: 1\n", 3, "seed", "key given twice"),
     ("seed: 0\ngating:\n  lr: 0.1\n  dropout: 0.2\n  lr: 0.2\n", 5, "gating.lr", "key given twice"),

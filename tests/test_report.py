@@ -90,8 +90,3 @@ def test_fusion_figure_draws_the_steps_a_trace_has(smoke_run):
     fig = fusion.steps_figure(trace["steps"][:3])
     assert sum(ax.axison for ax in fig.axes) == 3
     plt.close(fig)
-
-
-def test_mmlu_subject_of_a_question_id():
-    assert report.mmlu_subject("mmlu/test/high_school_biology_test.csv:12") == "high_school_biology"
-    assert report.mmlu_subject("mmlu/auxiliary_train/arc_easy.csv:33") == "arc_easy"
