@@ -168,7 +168,7 @@ def speed(args):
         step_s = sum(h["tokens"] / h["tokens_per_s"] for h in ft.history_)
         results[label] = tokens / step_s
         print(f"{label:28s} {results[label]:8.0f} tokens/s  ({tokens} tokens, {len(ft.history_)} steps, "
-              f"{step_s:.1f} s in steps, {wall:.1f} s with loading)", flush=True)
+              f"{step_s:.1f} s in steps, {wall:.1f} s with model load)", flush=True)
 
     run(f"random batches, {args.threads[0]} thr", args.threads[0], False)
     run(f"bucketed, {args.threads[0]} thr", args.threads[0], True)

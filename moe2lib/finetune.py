@@ -35,7 +35,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from . import artifacts, models
+from . import artifacts, models, parallel
 from .data import Question, format_prompt
 from .errors import InputError
 
@@ -478,6 +478,29 @@ class LoraFineTuner:
         self.wall_time_s_ = meta["wall_time_s"]
         self.adapter_dir_ = out_dir
         self.skipped_ = True
+
+
+def _fit_job(tuner: LoraFineTuner, questions, out_dir) -> bool:
+    return not tuner.fit(questions, out_dir=out_dir).skipped_
+
+
+def fit_all(jobs, workers: int = 1) -> list[LoraFineTuner]:
+    """Fit ``(tuner, questions, out_dir)`` jobs, ``workers`` at once in processes of their own.
+
+    Each job saves its adapter to ``out_dir`` (skipped when it is already there); the tuners returned are
+    read back from those folders, with ``skipped_`` False for the ones trained now. Give each tuner
+    ``n_threads`` = the cores / ``workers``.
+    """
+    jobs = [tuple(j) for j in jobs]
+    if parallel.check_workers(workers) == 1:
+        return [tuner.fit(q, out_dir=d) for tuner, q, d in jobs]
+    trained = parallel.run(_fit_job, jobs, workers, desc=f"LoRA fine-tuning ({workers} at once)")
+    out = []
+    for (tuner, q, d), now in zip(jobs, trained):
+        tuner.fit(q, out_dir=d)
+        tuner.skipped_ = not now
+        out.append(tuner)
+    return out
 
 
 # -- the experts stage's helpers ---------------------------------------------------------------------------
