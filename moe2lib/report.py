@@ -183,7 +183,7 @@ def draw_tables(art: Path, out: Writer) -> None:
             raise InputError(f"no table {name!r}; it has {', '.join(results)}", path=d / "metrics.json")
     for path in tables.write_tables(d, {name: results[name] for name in names}):
         out.wrote(path)
-    out.figure(tables.heatmap_figure(results, metrics["experts"]), "tables_heatmaps.png")
+    out.figure(tables.heatmap_figure(results), "tables_heatmaps.png")
 
     train, test, experts = tables.load_splits(_need(art / "scoring" / "scores.npz"),
                                               _need(art / "gating" / "gate.npz"))

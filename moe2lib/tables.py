@@ -169,6 +169,19 @@ def write_tables(out_dir, results: dict) -> list:
     return paths
 
 
+def answer_energy_scale(one_token_energy, answer_energy) -> float:
+    """How much more energy an answer costs than one token: the ratio of the experts' mean energies.
+
+    The paper's energy grid (5-50 J) fits one-token answers on the emulated testbed (2-8 J per expert);
+    tables for longer answers multiply it by this factor, so each budget keeps its place among the
+    experts' costs (the smallest fits one cheap expert, the largest most of them).
+    """
+    e1, eN = np.asarray(one_token_energy, float), np.asarray(answer_energy, float)
+    if e1.shape != eN.shape or not e1.size or not (e1 > 0).all() or not np.isfinite(eN).all():
+        raise InputError(f"energies must be positive and of the same experts, got {e1} and {eN}", param="energy")
+    return float(eN.mean() / e1.mean())
+
+
 def rescale_budgets(delay_budgets, energy_budgets, reference: tuple, target: tuple):
     """Budgets for another machine: scaled by the ratio of the experts' mean delay and mean energy.
 
@@ -244,7 +257,7 @@ def delay_labels(delay_budgets) -> list[str]:
     return ["relaxed" if d is None or math.isinf(d) else f"{d:g}s" for d in delay_budgets]
 
 
-def heatmap_figure(results: dict, experts: Sequence[str]):
+def heatmap_figure(results: dict):
     """One heatmap per table: methods × energy budgets, accuracy (%) in each cell."""
     import matplotlib.pyplot as plt
 

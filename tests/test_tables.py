@@ -109,7 +109,7 @@ def test_cell_records_are_json_and_the_heatmap_draws(tmp_path):
     records = tables.cell_records(cells, ["a", "b", "c"])
     assert records[0]["accuracy"]["MoE2"] is None and records[1]["subset"] == ["a", "b", "c"]
     artifacts.write_json(tmp_path / "m.json", {"t": {"delay_budget_s": None, "cells": records}})
-    fig = tables.heatmap_figure({"t": {"delay_budget_s": None, "cells": records}}, ["a", "b", "c"])
+    fig = tables.heatmap_figure({"t": {"delay_budget_s": None, "cells": records}})
     assert len(fig.axes) == 1
 
 
@@ -118,3 +118,12 @@ def test_table_loss_lookup_equals_the_direct_loss():
     masks = smo.int_to_masks(np.arange(1, 8), 3)
     assert np.allclose(fast.loss(masks), TRAIN.loss(masks))
     assert fast.loss(np.zeros((1, 3), bool))[0] == np.inf
+
+
+def test_answer_energy_scale_keeps_each_budget_among_the_experts_costs():
+    one = np.array([5.0, 7.5, 2.0, 3.5])
+    assert tables.answer_energy_scale(one, 16 * one) == pytest.approx(16.0)
+    assert tables.answer_energy_scale([1.0, 3.0], [10.0, 50.0]) == pytest.approx(15.0)  # 30 / 2
+    for bad in (([0.0, 1.0], [1.0, 2.0]), ([1.0], [1.0, 2.0]), ([1.0], [math.nan])):
+        with pytest.raises(InputError, match="energies"):
+            tables.answer_energy_scale(*bad)
