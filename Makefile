@@ -12,3 +12,5 @@ test:
 	bash run.sh test
 lab:
 	bash run.sh lab
+figures:
+	bash run.sh moe2 figures

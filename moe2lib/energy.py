@@ -2,8 +2,8 @@
 
 Meters plug into ``METERS`` (name -> class). A meter opens named windows with ``begin(key)`` and closes
 them with ``end(key)``, which returns a :class:`Reading`; every reading carries ``source``:
-``"measured:<meter>"`` for a hardware counter, ``"estimated:<how>"`` otherwise (DESIGN.md §5), so no
-energy figure ever leaves this module without saying where it came from.
+``"measured:<meter>"`` for a hardware counter, ``"estimated:<how>"`` otherwise (docs/method.md §6), so
+no energy figure ever leaves this module without saying where it came from.
 """
 
 from __future__ import annotations

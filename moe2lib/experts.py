@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import artifacts, models
+from . import artifacts, models, parallel
 from .data import LETTERS
 from .errors import InputError, ResourceUnavailable
 
@@ -402,8 +402,6 @@ class TransformersExpert(Expert):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if self.n_threads:
-            torch.set_num_threads(self.n_threads)
         path = models.hf_model_dir(self.model)
         self._tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -421,6 +419,10 @@ class TransformersExpert(Expert):
         return ([self._bos_id] if self._bos_id is not None else []) + ids
 
     def letter_logits(self, prompts, n_choices=4):
+        with parallel.torch_threads(self.n_threads):  # restored after: torch's thread count is process-wide
+            return self._letter_logits(prompts, n_choices)
+
+    def _letter_logits(self, prompts, n_choices):
         import torch
 
         model = self._load()
@@ -451,6 +453,10 @@ class TransformersExpert(Expert):
     def continuation_logprobs(self, requests, progress=False):
         """See ``Expert.continuation_logprobs``: the reference path, one left-padded row per choice
         (context + continuation minus its last token) and logits only at the last positions."""
+        with parallel.torch_threads(self.n_threads):
+            return self._continuation_logprobs(requests, progress)
+
+    def _continuation_logprobs(self, requests, progress):
         import torch
 
         model = self._load()
@@ -500,7 +506,7 @@ REGISTRY_FIELDS = {"name": str, "base_model": str, "cluster": (int, type(None)),
 
 
 def write_registry(path, specs: Sequence[ExpertSpec], **extra_fields) -> Path:
-    """Write ``experts.json``: a list of ``{name, base_model, cluster, device, adapter}`` (DESIGN.md §5).
+    """Write ``experts.json``: a list of ``{name, base_model, cluster, device, adapter}`` (docs/method.md §4).
 
     Adapter paths are stored relative to the file's folder so the registry moves with its artifacts;
     ``extra_fields`` maps an expert name to more keys for its entry.

@@ -366,7 +366,8 @@ class LoraFineTuner:
                     return self
             for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-        self._train(questions)
+        with parallel.torch_threads(self.n_threads):
+            self._train(questions)
         if out_dir is not None:
             self._save(out_dir, key)
         return self
@@ -378,7 +379,6 @@ class LoraFineTuner:
         from transformers import get_cosine_schedule_with_warmup
 
         t0 = time.time()
-        torch.set_num_threads(self.n_threads)
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         base, tok = self.load_base()

@@ -16,14 +16,13 @@ Conventions of the pure functions (numpy, vectorised):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import operator
 from pathlib import Path
 
 import numpy as np
 
-from . import artifacts
+from . import artifacts, parallel
 from .errors import InputError
 
 __all__ = ["PROB_FLOOR", "GatingNetwork", "subset_weights", "topk_mask", "fuse", "subset_loss",
@@ -245,18 +244,6 @@ def _module(d: int, k: int, hidden, dropout: float):
     return GatingMLP()
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class GatingNetwork:
     """The gating network g(x; θ) of eq. (1), trained on the fused NLL over all K experts (Alg. 1).
 
@@ -336,7 +323,7 @@ class GatingNetwork:
         val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         self.n_features_in_, self.n_experts_ = X.shape[1], k
         self.history_ = []
-        with _torch_threads(int(self.n_threads)), torch.random.fork_rng(devices=[]):
+        with parallel.torch_threads(int(self.n_threads)), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = _module(X.shape[1], k, hidden, self.dropout)
             Xt, Lt = torch.from_numpy(X), torch.from_numpy(log_pc)
@@ -396,7 +383,7 @@ class GatingNetwork:
         if X.shape[1] != self.n_features_in_:
             raise InputError(f"embeddings have {X.shape[1]} dimensions, the network was fitted on "
                              f"{self.n_features_in_}", param="X")
-        with _torch_threads(int(self.n_threads)), torch.no_grad():
+        with parallel.torch_threads(int(self.n_threads)), torch.no_grad():
             return torch.softmax(self.module_(torch.from_numpy(X)).double(), -1).numpy()
 
     def predict(self, X, probs, mask=None, top_k: int | None = None) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -51,15 +51,6 @@ class Source:
         raise NotImplementedError
 
 
-SOURCES: dict[str, type[Source]] = {}
-
-
-def _source(cls):
-    SOURCES[cls.kind] = cls
-    return cls
-
-
-@_source
 @dataclass(frozen=True)
 class PackageFile(Source):
     """A file or folder shipped inside an installed package."""
@@ -78,7 +69,6 @@ class PackageFile(Source):
         return f"pypi package {self.package}: {self.relpath}"
 
 
-@_source
 @dataclass(frozen=True)
 class PackageChunks(Source):
     """A file split over several packages, joined once into the cache and checked by sha256."""
@@ -120,7 +110,6 @@ class PackageChunks(Source):
         return f"pypi packages {self.package} (+{len(self.chunks)} chunks): {self.filename}"
 
 
-@_source
 @dataclass(frozen=True)
 class LocalFile(Source):
     path: str
@@ -136,7 +125,6 @@ class LocalFile(Source):
         return f"local file {self.path}"
 
 
-@_source
 @dataclass(frozen=True)
 class Hub(Source):
     """A model on the Hugging Face hub; works where the hub is reachable, fails at once where not."""
@@ -178,7 +166,6 @@ class ModelSpec:
     kind: str  # "llm" (a GGUF file) or "embedding" (a sentence-transformers folder)
     source: Source
     note: str = ""
-    tags: tuple[str, ...] = field(default=())
 
 
 MODELS: dict[str, ModelSpec] = {}

@@ -7,12 +7,30 @@ scoring loop and torch's training loop both spend enough time in Python to seria
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Sequence
 
 from .errors import InputError
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's (process-wide) intra-op thread count set to ``n`` inside the block and restored after it;
+    ``n`` None or 0 leaves it as it is."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_workers(workers) -> int:

@@ -1,6 +1,6 @@
 """Device profiling: measured delay and energy of each expert, the paper's delay model (4)–(6), profiles.json.
 
-The model (DESIGN.md §1). One llama.cpp step that processes ``n`` new tokens after ``ctx`` cached ones
+The model (eqs. 4-12, docs/method.md §2). One llama.cpp step that processes ``n`` new tokens after ``ctx`` cached ones
 costs ``max(C(n, ctx)/F, M/B) + c``: ``C`` FLOPs (2 per weight per token, plus attention over the
 context), ``M`` bytes (every weight is read once per step), ``F``/``B`` the device's *effective* FLOP/s
 and bandwidth, ``c`` a constant overhead. The prompt is one step (prefill, ``n = L``); each further
@@ -95,7 +95,7 @@ PAPER_MODELS = {
     "qwen2.5-3b-instruct-q4_k_m": ModelCost("qwen2.5-3b-instruct-q4_k_m", 3.09e9, 3.09e9 * 4.92 / 8, 36, 16 * 128,
                                             "published:Qwen2.5-3B params; bytes at 4.92 bit/weight (approx.)"),
 }
-# Which paper model each stand-in plays (DESIGN.md §3).
+# Which paper model each stand-in plays (docs/method.md §6).
 PAPER_ROLE = {"gemma3-270m": "qwen2.5-7b-instruct-q4_k_m", "smollm2-135m-instruct": "qwen2.5-3b-instruct-q4_k_m"}
 
 
@@ -383,7 +383,7 @@ def expert_profile_measured(spec, records, cost: ModelCost, device: devices.Devi
     Ls = [r["prompt_tokens"] for r in records] * 2
     ratio = np.concatenate([pre, dec]) / model.predict(kinds, Ls)
     jitter = float(max(1.0, np.quantile(ratio, QUANTILE)))
-    energy = np.array([r["prefill_j"] for r in records] + [r["decode_j"] * 1 for r in records])
+    energy = np.array([r["prefill_j"] for r in records] + [r["decode_j"] for r in records])
     busy = np.concatenate([pre, dec])
     power = float(energy.sum() / busy.sum())
     source = records[0]["energy_source"]
@@ -593,7 +593,7 @@ def _distinct(entries: Mapping[str, dict], key) -> dict[str, dict]:
     seen = {}
     for name, e in entries.items():
         seen.setdefault(key(name, e), (name, e))
-    return {f"{n}" if k == n else k: e for k, (n, e) in seen.items()}
+    return {k: e for k, (_, e) in seen.items()}
 
 
 def fig5_figure(doc: Mapping, answer_tokens: int | None = None):

@@ -253,3 +253,15 @@ def test_fig3_experiment_routes_synthetic_experts_near_the_oracle():
     assert m["differences"]["moe2-majority_voting"]["ci95"][0] > 0.2
     assert m["differences"]["moe2-single_agent"]["ci95"][0] > 0.5
     assert set(m["per_task"]) == {"task1", "task2"} and m["n_test"] == 200
+
+
+@pytest.mark.parametrize("k, where", [(1, "no nested pairs with K=1"), (3, "of nested pairs"), (11, "of chain steps")])
+def test_theorems_figure_names_what_it_counted(k, where):
+    rng = np.random.default_rng(0)
+    gate = rng.dirichlet(np.ones(k), size=30)
+    probs = rng.dirichlet(np.ones(4), size=(30, k))
+    answer = rng.integers(0, 4, 30)
+    t2 = evaluation.theorem2_check(gate, probs, answer, n_chains=3)
+    assert ("pairs" in t2) == (k <= 10)
+    fig = evaluation.theorems_figure({"subsets": []}, t2)
+    assert where in fig.axes[1].get_title()

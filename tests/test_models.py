@@ -63,7 +63,6 @@ def test_unknown_model_lists_known_ones():
 
 
 def test_packaged_embedding_model_embeds():
-    import numpy as np
 
     st = models.sentence_transformer()
     emb = st.encode(["The mitochondria is the powerhouse of the cell.", "Cells get energy from mitochondria.",

@@ -1,0 +1,75 @@
+"""Jobs in spawned processes: results in order and equal to a serial run, errors raised, and the two users
+of it (scoring experts, training experts) give the same files as one process does."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from moe2lib import parallel, scoring
+from moe2lib.errors import InputError
+
+from test_finetune import arc_items, tuner
+from test_scoring import HashExpert, _questions
+
+
+def test_run_keeps_order_and_matches_serial():
+    jobs = [(b, e) for b, e in ((2, 10), (3, 4), (7, 2), (5, 3))]
+    assert parallel.run(pow, jobs, 2) == parallel.run(pow, jobs, 1) == [1024, 81, 49, 125]
+    assert parallel.run(int, [("ff",), ("10",)], 2, base=16) == [255, 16]  # keyword arguments reach every job
+
+
+def test_run_raises_the_jobs_error_and_checks_workers():
+    with pytest.raises(ValueError, match="invalid literal"):
+        parallel.run(int, [("12",), ("not a number",)], 2)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InputError, match="workers"):
+            parallel.run(pow, [(2, 2)], bad)
+
+
+def test_scoring_experts_in_processes_gives_the_serial_file(tmp_path):
+    qs = _questions(24)
+    serial = scoring.score_questions(qs, [HashExpert("a"), HashExpert("b"), HashExpert("c")], tmp_path / "s.npz",
+                                     chunk=8, progress=False)
+    both = scoring.score_questions(qs, [HashExpert("a"), HashExpert("b"), HashExpert("c")], tmp_path / "p.npz",
+                                   chunk=8, progress=False, workers=2)
+    np.testing.assert_array_equal(both.probs, serial.probs)
+    assert both.experts.tolist() == ["a", "b", "c"]
+    assert not (tmp_path / "p.npz.experts").exists()
+    np.testing.assert_array_equal(scoring.Scores.load(tmp_path / "p.npz").probs, serial.probs)
+
+
+@pytest.mark.slow
+def test_fit_all_in_processes_trains_the_serial_adapters(tmp_path):
+    from moe2lib import data, finetune
+
+    root = data.resolve_data_dir(None, "arc")
+    qs = data.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl", "arc_easy")
+    short = [q for q in qs if len(q.question) < 120 and max(len(c) for c in q.choices) < 25]
+    a, b = arc_items(short[:8]), arc_items(short[8:16])
+    kw = dict(target="text", max_steps=2, seed=3)
+    serial = [tuner(**kw).fit(a, out_dir=tmp_path / "s0"), tuner(**kw).fit(b, out_dir=tmp_path / "s1")]
+    jobs = [(tuner(**kw), a, tmp_path / "p0"), (tuner(**kw), b, tmp_path / "p1")]
+    fitted = finetune.fit_all(jobs, workers=2)
+    assert [f.skipped_ for f in fitted] == [False, False]
+    for s, p in zip(serial, fitted):
+        assert p.n_train_ == s.n_train_ and len(p.history_) == len(s.history_) == 2
+        ws, wp = (load_file(f.adapter_dir_ / "adapter_model.safetensors") for f in (s, p))
+        assert ws.keys() == wp.keys()
+        for k in ws:
+            np.testing.assert_array_equal(wp[k], ws[k])
+    assert [f.skipped_ for f in finetune.fit_all(jobs, workers=2)] == [True, True]  # done: nothing retrained
+
+
+def test_torch_threads_is_restored_after_the_block_and_after_an_error():
+    import torch
+
+    before = torch.get_num_threads()
+    with parallel.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with parallel.torch_threads(1):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with parallel.torch_threads(None):
+        assert torch.get_num_threads() == before
