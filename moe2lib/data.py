@@ -51,7 +51,8 @@ def resolve_data_dir(data_dir=None, need: str = "mmlu") -> Path:
     """The folder holding ``need`` (a subpath such as ``mmlu`` or ``mmlu/test``).
 
     Candidates in order: ``data_dir``, ``$MOE2_DATA_DIR``, ``./data``, ``../shared/datasets`` from the
-    working directory, then ``<repo>/../shared/datasets``. An explicit folder (argument or variable)
+    working directory, then ``<repo>/data`` and ``<repo>/../shared/datasets`` (the pipeline runs the
+    notebooks inside ``notebooks/``, where ``./data`` is not the repository's). An explicit folder (argument or variable)
     that lacks ``need`` fails at once; otherwise the first candidate holding it wins. Raises
     ResourceUnavailable, saying how to get MMLU, when none does.
     """
@@ -61,7 +62,7 @@ def resolve_data_dir(data_dir=None, need: str = "mmlu") -> Path:
             if not (path / need).exists():
                 raise ResourceUnavailable(f"{what}={path} holds no {need}/. {HOW_TO_GET_MMLU}")
             return path
-    tried = [Path("data"), Path("..") / "shared" / "datasets", _REPO.parent / "shared" / "datasets"]
+    tried = [Path("data"), Path("..") / "shared" / "datasets", _REPO / "data", _REPO.parent / "shared" / "datasets"]
     for path in tried:
         if (path / need).exists():
             return path.resolve()
