@@ -8,8 +8,9 @@ attention + MLP projections) three ways and prints the tokens/s (real tokens, pa
 ratios: "random" batches (no length bucketing), ``LoraFineTuner``'s length-bucketed batches, and the
 bucketed batches at each ``--threads`` setting of torch. On a shared machine the numbers are noisy.
 
-``compare`` trains each variant on the same ``--train`` items (1 epoch) and reports held-out accuracy on
-``--test`` other items, scoring each choice by log p(continuation | context) per character of the
+Items are the task's expert-training questions of the default profile's split (never a gating or test
+question). ``compare`` trains each variant on the same ``--train`` items (1 epoch) and reports held-out
+accuracy on ``--test`` other expert-training items, scoring each choice by log p(continuation | context) per character of the
 continuation (acc_norm) and as a raw sum; the base model is scored too. Variants: ``text``,
 ``choice_ce`` (per-char normalised choice scores), ``choice_ce_sum`` (summed), and ``text:<key>=<v>,...``
 overrides such as ``text:lr=3e-4`` or ``text:rank=8,modules=attn``.
@@ -18,20 +19,19 @@ overrides such as ``text:lr=3e-4`` or ``text:rank=8,modules=attn``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from moe2lib import data  # noqa: E402
 from moe2lib.finetune import LoraFineTuner  # noqa: E402
-from moe2lib.tasks import ChoiceItem  # noqa: E402
+from moe2lib.tasks import ChoiceItem, build_benchmark  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -40,34 +40,11 @@ DEFAULTS = dict(rank=16, alpha=32, target_modules=ATTN + MLP, lr=1e-3, batch_siz
                 warmup_ratio=0.03, cutoff_len=256)
 
 
-def csqa_items(path=None) -> list[ChoiceItem]:
-    """CommonsenseQA (llm-foundry layout: choices inside the query) as "Question: ...\\nAnswer:" + " <choice>"."""
-    root = data.resolve_data_dir(None, "llm-foundry")
-    path = path or root / "llm-foundry" / "commonsense_reasoning" / "commonsense_qa.jsonl"
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        obj = json.loads(line)
-        m = re.match(r"Question: (.*?)\nChoices:\n(.*)\nAnswer:$", obj["query"], re.S)
-        question = m.group(1).strip()
-        choices = [re.sub(r"^[A-Z]\. ", "", c) for c in m.group(2).split("\n")]
-        ctx = f"Question: {question}\nAnswer:"
-        qid = hashlib.sha256("\n".join([question, *choices]).encode()).hexdigest()[:16]
-        out.append(ChoiceItem(qid, "commonsense_qa", question, (ctx,) * len(choices),
-                              tuple(" " + c for c in choices), int(obj["gold"]), f"{Path(path).name}:{n}"))
-    return out
-
-
 def load_items(task: str) -> list[ChoiceItem]:
-    """The task's ChoiceItems from ``moe2lib.tasks.load_task``; CommonsenseQA parsed here if that is missing."""
-    try:
-        from moe2lib.tasks import load_task
-    except ImportError:
-        if task != "commonsense_qa":
-            raise
-        return csqa_items()
-    return load_task(task)
+    """The task's expert-training questions under the default profile's edge-mix split (seed 0): what
+    experts train on, never a gating-training or test question, so no choice made here sees the test split."""
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"))["benchmark"]
+    return build_benchmark([task], fractions=cfg["fractions"], seed=0).where("expert")
 
 
 def split(items, n_train, n_test, seed=0):
