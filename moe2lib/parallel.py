@@ -39,42 +39,79 @@ def check_workers(workers) -> int:
     return workers
 
 
-def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | None = None, **kwargs) -> list:
+def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | None = None,
+        scheduler: str | None = None, on_result: Callable | None = None, **kwargs) -> list:
     """``[fn(*job, **kwargs) for job in jobs]``, in ``workers`` fresh (spawned) processes when ``workers > 1``.
 
     ``fn`` must be importable (a module-level function) and the jobs plain, picklable data; results come
-    back in the jobs' order. The first error is raised once the running jobs end; jobs not yet started are
-    cancelled. ``desc`` shows a progress bar over the jobs.
+    back in the jobs' order, and ``on_result(i, result)`` is called in this process as each job ends (to
+    save it at once, so a rerun resumes). The first error is raised once the running jobs end; jobs not
+    yet started are cancelled. ``desc`` shows a progress bar over the jobs.
+
+    ``scheduler`` sends the jobs to Dask distributed instead: ``"local"`` starts a cluster of ``workers``
+    single-thread worker processes on 127.0.0.1 for this call; ``"tcp://host:8786"`` uses a running
+    scheduler, whose workers need moe2lib, the models and the data at the same paths as here.
     """
     jobs = [tuple(j) for j in jobs]
     workers = check_workers(workers)
     call = functools.partial(fn, **kwargs)
+    out = [None] * len(jobs)
     bar = None
     if desc:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(jobs), desc=desc, unit="job")
+
+    def done(i, result):
+        out[i] = result
+        if on_result is not None:
+            on_result(i, result)
+        if bar is not None:
+            bar.update(1)
+
     try:
-        if workers == 1 or len(jobs) <= 1:
-            out = []
-            for job in jobs:
-                out.append(call(*job))
-                if bar is not None:
-                    bar.update(1)
-            return out
-        ctx = multiprocessing.get_context("spawn")  # fork would copy torch's and llama.cpp's thread pools
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            futures = {pool.submit(call, *job): i for i, job in enumerate(jobs)}
-            out = [None] * len(jobs)
-            try:
-                for f in as_completed(futures):
-                    out[futures[f]] = f.result()
-                    if bar is not None:
-                        bar.update(1)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-            return out
+        if scheduler is not None:
+            _run_dask(call, jobs, workers, scheduler, done)
+        elif workers == 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                done(i, call(*job))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fork would copy torch's and llama.cpp's thread pools
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+                futures = {pool.submit(call, *job): i for i, job in enumerate(jobs)}
+                try:
+                    for f in as_completed(futures):
+                        done(futures[f], f.result())
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        return out
     finally:
         if bar is not None:
             bar.close()
+
+
+def _run_dask(call, jobs, workers: int, scheduler: str, done) -> None:
+    try:
+        from distributed import Client, LocalCluster, as_completed as dask_completed
+    except ImportError as e:
+        raise InputError("scheduler needs Dask distributed: pip install 'distributed' (pinned in requirements.txt)",
+                         param="scheduler") from e
+    if not isinstance(scheduler, str) or not (scheduler == "local" or "://" in scheduler):
+        raise InputError(f"must be 'local' or a scheduler address such as 'tcp://host:8786', not {scheduler!r}",
+                         param="scheduler")
+    with contextlib.ExitStack() as stack:
+        if scheduler == "local":
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                       host="127.0.0.1", dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        else:
+            client = stack.enter_context(Client(scheduler))
+        futures = [client.submit(call, *job, pure=False) for job in jobs]
+        index = {f.key: i for i, f in enumerate(futures)}
+        try:
+            for f in dask_completed(futures):
+                done(index[f.key], f.result())
+        except BaseException:
+            client.cancel(futures)
+            raise

@@ -145,16 +145,17 @@ def _check_unique(s: Scores, path=None) -> None:
 
 
 def score_questions(questions: Sequence[Question], experts, out_path, *, template: str = DEFAULT_TEMPLATE,
-                    chunk: int = 32, progress: bool = True, workers: int = 1) -> Scores:
+                    chunk: int = 32, progress: bool = True, workers: int = 1, scheduler: str | None = None) -> Scores:
     """Score every question by its answer letter with every expert; resumable, written atomically to ``out_path``.
 
-    ``workers > 1`` scores that many experts at once, each in a process of its own (see :func:`_per_process`).
+    ``workers > 1`` scores that many experts at once, each in a process of its own, ``scheduler`` on
+    Dask workers (see :func:`_per_process`).
     """
     if not questions:
         raise InputError("no questions to score", param="questions")
-    if parallel.check_workers(workers) > 1 and len(experts) > 1:
+    if (parallel.check_workers(workers) > 1 or scheduler is not None) and len(experts) > 1:
         return _per_process(score_questions, questions, experts, out_path, workers, [q.source for q in questions],
-                            template=template, chunk=chunk)
+                            scheduler, template=template, chunk=chunk)
     n_choices = {len(q.choices) for q in questions}
     if len(n_choices) != 1:
         raise InputError(f"questions have different numbers of choices {sorted(n_choices)}", param="questions")
@@ -171,23 +172,23 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
 
 
 def score_items(items, experts, out_path, *, normalisation: str = "char", width: int | None = None,
-                chunk: int = 32, progress: bool = True, workers: int = 1) -> Scores:
+                chunk: int = 32, progress: bool = True, workers: int = 1, scheduler: str | None = None) -> Scores:
     """Score :class:`~moe2lib.tasks.ChoiceItem`s by the likelihood of each choice's text; resumable, atomic.
 
     Each expert's distribution over a question's choices is the softmax of its normalised continuation
     log-likelihoods (:func:`moe2lib.choice.normalise`); rows are padded with zeros to ``width`` choices
     (default: the most any item has) and ``n_choices`` records the real count. ``n_tokens`` is the length
     of the (first choice's) prompt in each expert's tokens. ``workers > 1`` scores that many experts at
-    once, each in a process of its own (see :func:`_per_process`).
+    once, each in a process of its own, ``scheduler`` on Dask workers (see :func:`_per_process`).
     """
     from . import choice
 
     if not items:
         raise InputError("no questions to score", param="items")
     width = width or max(it.n_choices for it in items)
-    if parallel.check_workers(workers) > 1 and len(experts) > 1:
+    if (parallel.check_workers(workers) > 1 or scheduler is not None) and len(experts) > 1:
         return _per_process(score_items, items, experts, out_path, workers, [it.qid for it in items],
-                            normalisation=normalisation, width=width, chunk=chunk)
+                            scheduler, normalisation=normalisation, width=width, chunk=chunk)
     requests = [it.pairs() for it in items]
 
     def score(expert, rows):
@@ -202,12 +203,14 @@ def score_items(items, experts, out_path, *, normalisation: str = "char", width:
                             n_choices=[it.n_choices for it in items], chunk=chunk, progress=progress)
 
 
-def _per_process(fn, work, experts, out_path, workers: int, qid, **kwargs) -> Scores:
-    """``fn(work, [expert], ...)`` for each expert in ``workers`` processes, then one Scores at ``out_path``.
+def _per_process(fn, work, experts, out_path, workers: int, qid, scheduler=None, **kwargs) -> Scores:
+    """``fn(work, [expert], ...)`` for each expert in ``workers`` processes (or on the Dask workers of
+    ``scheduler``, see :func:`moe2lib.parallel.run`), then one Scores at ``out_path``.
 
-    Each expert's scores go to ``<out>.experts/<j>.npz`` (resumable there, as with one process); the folder
-    is keyed by the questions, the options and the experts' identities, and removed once the whole
-    result is written. The experts are sent unloaded: each process loads its own model.
+    Each expert's scores are saved here to ``<out>.experts/<j>.npz`` as soon as it is done, so a rerun
+    scores only the missing experts (a local worker also checkpoints inside its expert); the folder is keyed
+    by the questions, the options and the experts' identities, and removed once the whole result is
+    written. The experts are sent unloaded: each worker loads its own model.
     """
     out_path = Path(out_path)
     folder = out_path.with_name(out_path.name + ".experts")
@@ -219,7 +222,8 @@ def _per_process(fn, work, experts, out_path, workers: int, qid, **kwargs) -> Sc
     artifacts.write_json(manifest, {"key": key})
     paths = [folder / f"{j}.npz" for j in range(len(experts))]
     todo = [j for j in range(len(experts)) if not paths[j].exists()]
-    parallel.run(fn, [(work, [experts[j]], paths[j]) for j in todo], workers,
+    parallel.run(fn, [(work, [experts[j]], paths[j]) for j in todo], workers, scheduler=scheduler,
+                 on_result=lambda i, scores: scores.save(paths[todo[i]]),
                  desc=f"scoring {out_path.name} ({workers} experts at once)", progress=False, **kwargs)
     scores = concat_experts(*[Scores.load(p) for p in paths])
     scores.save(out_path)

@@ -73,3 +73,16 @@ def test_torch_threads_is_restored_after_the_block_and_after_an_error():
     assert torch.get_num_threads() == before
     with parallel.torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_a_local_dask_cluster_of_two_single_thread_workers_gives_the_serial_file(tmp_path):
+    pytest.importorskip("distributed")
+    qs = _questions(24)
+    serial = scoring.score_questions(qs, [HashExpert("a"), HashExpert("b"), HashExpert("c")], tmp_path / "s.npz",
+                                     chunk=8, progress=False)
+    dask = scoring.score_questions(qs, [HashExpert("a"), HashExpert("b"), HashExpert("c")], tmp_path / "d.npz",
+                                   chunk=8, progress=False, workers=2, scheduler="local")
+    np.testing.assert_array_equal(dask.probs, serial.probs)
+    assert dask.experts.tolist() == ["a", "b", "c"] and not (tmp_path / "d.npz.experts").exists()
+    with pytest.raises(InputError, match="scheduler"):
+        parallel.run(pow, [(2, 2)], 2, scheduler="nowhere")
