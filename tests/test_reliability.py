@@ -247,7 +247,7 @@ seed: 0
 data_dir: null
 n_threads: 1
 benchmark: {name: edge-mix, tasks: [arc_easy], cap_expert: 4, cap_eval: 8, fractions: [0.5, 0.2, 0.3]}
-base_models: {letter_mmlu: false}
+base_models: {letter_mmlu: false, workers: 1}   # one process: the kill lands inside an expert's checkpoint
 """
 
 
