@@ -10,9 +10,9 @@ bucketed batches at each ``--threads`` setting of torch. On a shared machine the
 
 Items are the task's expert-training questions of the default profile's split (never a gating or test
 question). ``compare`` trains each variant on the same ``--train`` items (1 epoch) and reports held-out
-accuracy on ``--test`` other expert-training items, scoring each choice by log p(continuation | context) per character of the
-continuation (acc_norm) and as a raw sum; the base model is scored too. Variants: ``text``,
-``choice_ce`` (per-char normalised choice scores), ``choice_ce_sum`` (summed), and ``text:<key>=<v>,...``
+accuracy on ``--test`` other expert-training items, scoring each choice by log p(continuation | context)
+per character of the continuation (acc_norm) and as a raw sum; the base model is scored too. Variants:
+``text``, ``choice_ce`` (per-char normalised choice scores), ``choice_ce_sum`` (summed), and ``text:<key>=<v>,...``
 overrides such as ``text:lr=3e-4`` or ``text:rank=8,modules=attn``.
 """
 

@@ -52,9 +52,9 @@ def resolve_data_dir(data_dir=None, need: str = "mmlu") -> Path:
 
     Candidates in order: ``data_dir``, ``$MOE2_DATA_DIR``, ``./data``, ``../shared/datasets`` from the
     working directory, then ``<repo>/data`` and ``<repo>/../shared/datasets`` (the pipeline runs the
-    notebooks inside ``notebooks/``, where ``./data`` is not the repository's). An explicit folder (argument or variable)
-    that lacks ``need`` fails at once; otherwise the first candidate holding it wins. Raises
-    ResourceUnavailable, saying how to get MMLU, when none does.
+    notebooks inside ``notebooks/``, where ``./data`` is not the repository's). An explicit folder
+    (argument or variable) that lacks ``need`` fails at once; otherwise the first candidate holding it
+    wins. Raises ResourceUnavailable, saying how to get MMLU, when none does.
     """
     for explicit, what in ((data_dir, "data_dir"), (os.environ.get("MOE2_DATA_DIR"), "MOE2_DATA_DIR")):
         if explicit:

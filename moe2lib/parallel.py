@@ -2,8 +2,9 @@
 
 On a small CPU box, two models with one thread each get through more work per second than one model with
 two threads (their matrices are too small to keep two cores busy): measured here on 2 cores, 1.26-1.41x
-for llama.cpp choice scoring and 1.57x for LoRA training. Threads are not enough for this: llama.cpp's
-scoring loop and torch's training loop both spend enough time in Python to serialise on the GIL.
+for llama.cpp choice scoring in two processes (1.0-1.2x in two threads: the scoring loop holds the GIL
+between decodes) and 1.57x for two LoRA trainings in two threads. Training runs in processes too: one of
+the threaded trials ended in a NaN loss, and torch's thread count and RNG are process-wide.
 """
 from __future__ import annotations
 
@@ -92,14 +93,14 @@ def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | No
 
 
 def _run_dask(call, jobs, workers: int, scheduler: str, done) -> None:
+    if not isinstance(scheduler, str) or not (scheduler == "local" or "://" in scheduler):
+        raise InputError(f"must be 'local' or a scheduler address such as 'tcp://host:8786', not {scheduler!r}",
+                         param="scheduler")
     try:
         from distributed import Client, LocalCluster, as_completed as dask_completed
     except ImportError as e:
         raise InputError("scheduler needs Dask distributed: pip install 'distributed' (pinned in requirements.txt)",
                          param="scheduler") from e
-    if not isinstance(scheduler, str) or not (scheduler == "local" or "://" in scheduler):
-        raise InputError(f"must be 'local' or a scheduler address such as 'tcp://host:8786', not {scheduler!r}",
-                         param="scheduler")
     with contextlib.ExitStack() as stack:
         if scheduler == "local":
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,

@@ -1,7 +1,7 @@
 """Device profiling: measured delay and energy of each expert, the paper's delay model (4)–(6), profiles.json.
 
-The model (eqs. 4-12, docs/method.md §2). One llama.cpp step that processes ``n`` new tokens after ``ctx`` cached ones
-costs ``max(C(n, ctx)/F, M/B) + c``: ``C`` FLOPs (2 per weight per token, plus attention over the
+The model (eqs. 4-12, docs/method.md §2). One llama.cpp step that processes ``n`` new tokens after ``ctx``
+cached ones costs ``max(C(n, ctx)/F, M/B) + c``: ``C`` FLOPs (2 per weight per token, plus attention over the
 context), ``M`` bytes (every weight is read once per step), ``F``/``B`` the device's *effective* FLOP/s
 and bandwidth, ``c`` a constant overhead. The prompt is one step (prefill, ``n = L``); each further
 answer token is a step with ``n = 1`` (eq. 4). An N-token answer then takes (eqs. 5–6)

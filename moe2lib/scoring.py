@@ -203,6 +203,15 @@ def score_items(items, experts, out_path, *, normalisation: str = "char", width:
                             n_choices=[it.n_choices for it in items], chunk=chunk, progress=progress)
 
 
+def _keyed_folder(folder: Path, key: str, **about) -> None:
+    """A checkpoint folder for the work ``key`` names: one left by other work (or without its manifest)
+    is removed, so a rerun never reuses stale parts."""
+    manifest = folder / "manifest.json"
+    if folder.exists() and (not manifest.exists() or artifacts.read_json(manifest).get("key") != key):
+        shutil.rmtree(folder)
+    artifacts.write_json(manifest, {"key": key, **about})
+
+
 def _per_process(fn, work, experts, out_path, workers: int, qid, scheduler=None, **kwargs) -> Scores:
     """``fn(work, [expert], ...)`` for each expert in ``workers`` processes (or on the Dask workers of
     ``scheduler``, see :func:`moe2lib.parallel.run`), then one Scores at ``out_path``.
@@ -216,10 +225,7 @@ def _per_process(fn, work, experts, out_path, workers: int, qid, scheduler=None,
     folder = out_path.with_name(out_path.name + ".experts")
     key = artifacts.digest({"qid": list(qid), "options": kwargs, "experts": [e.label for e in experts],
                             "identity": [e.identity() for e in experts]})
-    manifest = folder / "manifest.json"
-    if folder.exists() and (not manifest.exists() or artifacts.read_json(manifest).get("key") != key):
-        shutil.rmtree(folder)
-    artifacts.write_json(manifest, {"key": key})
+    _keyed_folder(folder, key)
     paths = [folder / f"{j}.npz" for j in range(len(experts))]
     todo = [j for j in range(len(experts)) if not paths[j].exists()]
     parallel.run(fn, [(work, [experts[j]], paths[j]) for j in todo], workers, scheduler=scheduler,
@@ -247,10 +253,7 @@ def _score_resumable(experts, out_path, score, *, qid, work, answer, subject, wi
     partial = out_path.with_name(out_path.name + ".partial")
     key = artifacts.digest({"qid": list(qid), "prompts": work, "experts": labels,
                             "identity": [e.identity() for e in experts]})
-    manifest = partial / "manifest.json"
-    if partial.exists() and (not manifest.exists() or artifacts.read_json(manifest).get("key") != key):
-        shutil.rmtree(partial)
-    artifacts.write_json(manifest, {"key": key, "experts": labels, "n": n})
+    _keyed_folder(partial, key, experts=labels, n=n)
 
     probs = np.zeros((n, k, width), dtype=np.float32)
     n_tokens = np.zeros((n, k), dtype=np.int32)

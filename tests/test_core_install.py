@@ -55,6 +55,7 @@ def test_core_runs_with_only_its_declared_dependencies():
 
 
 def test_the_blocker_catches_an_undeclared_heavy_import():
-    out = subprocess.run([sys.executable, "-c", SCRIPT.replace("from moe2lib import", "import torch\nfrom moe2lib import"),
-                          "numpy"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    planted = SCRIPT.replace("from moe2lib import", "import torch\nfrom moe2lib import")
+    out = subprocess.run([sys.executable, "-c", planted, "numpy"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode != 0 and "blocked (not a core dependency): torch" in out.stderr
