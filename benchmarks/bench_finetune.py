@@ -4,9 +4,12 @@
     python benchmarks/bench_finetune.py compare [--model ...] [--train 150] [--test 100] [--variants ...]
 
 ``speed`` trains the text target on ``--items`` items of ``--task`` (CommonsenseQA) for one epoch (batch 8, r=16 on
-attention + MLP projections) three ways and prints the tokens/s (real tokens, padding excluded) and the
-ratios: "random" batches (no length bucketing), ``LoraFineTuner``'s length-bucketed batches, and the
-bucketed batches at each ``--threads`` setting of torch. On a shared machine the numbers are noisy.
+attention + MLP projections) in several variants and prints tokens/s (real tokens, padding excluded), the
+training loss and the loss on ``--heldout`` other items after the same examples, and the ratios to the first:
+"random" batches (no length bucketing), ``LoraFineTuner``'s length-bucketed batches, bucketed at each
+``--threads`` setting, LoRA on the upper half of the layers only (the backward pass stops there), on the
+attention projections only, ``torch.compile``, and bf16 autocast where the CPU has AVX512-BF16/AMX (``lscpu``
+flags; skipped with a note elsewhere). On a shared machine the numbers are noisy.
 
 Items are the task's expert-training questions of the default profile's split (never a gating or test
 question). ``compare`` trains each variant on the same ``--train`` items (1 epoch) and reports held-out
@@ -126,35 +129,86 @@ def compare(args):
               f"{r.get('train_s', float('nan')):8.1f}")
 
 
+def heldout_loss(ft: LoraFineTuner, items, batch: int = 8) -> float:
+    """Token-weighted mean text-target loss of the trained model on ``items`` (not trained on)."""
+    import torch
+
+    examples = [ex for ex in ft.encode(ft.tokenizer_, items) if len(ex.ids) <= ft.cutoff_len]
+    pad = ft.tokenizer_.pad_token_id if ft.tokenizer_.pad_token_id is not None else 0
+    total = count = 0.0
+    ft.model_.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch):
+            chunk = examples[start:start + batch]
+            total += float(ft.batch_loss(ft.model_, *ft.collate(chunk, pad), reduction="sum"))
+            count += sum(ex.n_target for ex in chunk)
+    return total / count
+
+
 def speed(args):
     import torch
 
-    items = load_items(args.task)[:args.items]
-    results = {}
+    from moe2lib.finetune import bf16_supported
 
-    def run(label, threads, bucketed):
+    pool = load_items(args.task)
+    items, held = pool[:args.items], pool[args.items:args.items + args.heldout]
+    n_layers = None
+    rows = []
+
+    def run(label, threads=args.threads[0], bucketed=True, **kw):
         ft = LoraFineTuner(args.model, target="text", n_threads=threads, progress=False, seed=0,
-                           **{k: v for k, v in DEFAULTS.items()})
-        if not bucketed:  # one window of one batch: shuffled batches, no sorting by length
+                           **{**DEFAULTS, **kw})
+        if not bucketed:  # shuffled batches, no sorting by length
             ft._order = lambda lengths, rng: [b for b in np.array_split(rng.permutation(len(lengths)),
                                                                        -(-len(lengths) // ft.batch_size))]
         t0 = time.time()
-        ft.fit(items)
+        try:
+            ft.fit(items)
+        except Exception as exc:  # a variant that fails here (e.g. no compiler for torch.compile) is reported
+            print(f"{label:34s} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+            return None
         wall = time.time() - t0
         tokens = sum(h["tokens"] for h in ft.history_)
         step_s = sum(h["tokens"] / h["tokens_per_s"] for h in ft.history_)
-        results[label] = tokens / step_s
-        print(f"{label:28s} {results[label]:8.0f} tokens/s  ({tokens} tokens, {len(ft.history_)} steps, "
-              f"{step_s:.1f} s in steps, {wall:.1f} s with model load)", flush=True)
+        row = {"variant": label, "tokens_per_s": tokens / step_s, "tokens": tokens, "steps": len(ft.history_),
+               "step_s": step_s, "wall_s": wall, "train_loss": ft.final_loss_,
+               "heldout_loss": heldout_loss(ft, held)}
+        rows.append(row)
+        print(f"{label:34s} {row['tokens_per_s']:8.0f} tokens/s  {row['train_loss']:6.3f} {row['heldout_loss']:8.3f}"
+              f"  ({tokens} tokens, {len(ft.history_)} steps, {step_s:.1f} s in steps, {wall:.1f} s with load)",
+              flush=True)
+        return ft
 
-    run(f"random batches, {args.threads[0]} thr", args.threads[0], False)
-    run(f"bucketed, {args.threads[0]} thr", args.threads[0], True)
+    print(f"{args.model}, {len(items)} {args.task} expert-training items (1 epoch, batch {DEFAULTS['batch_size']}, "
+          f"r={DEFAULTS['rank']}), loss on {len(held)} other ones; torch {torch.__version__}\n")
+    print(f"{'variant':34s} {'tokens/s':>8s} {'loss':>13s} {'held-out':>8s}")
+    t1 = args.threads[0]
+    first = run(f"random batches, {t1} thr", bucketed=False)
+    if first is not None:
+        n_layers = first.model_.get_base_model().config.num_hidden_layers
+    run(f"bucketed, {t1} thr")
     for t in args.threads[1:]:
-        run(f"bucketed, {t} thr", t, True)
-    keys = list(results)
-    ref = results[keys[0]]
-    print("\nratios to the first line: " + ", ".join(f"{k}: {v / ref:.2f}x" for k, v in results.items()))
-    print(f"(torch {torch.__version__}; wall-clock on a shared machine, noisy)")
+        run(f"bucketed, {t} thr", threads=t)
+    if n_layers:
+        upper = list(range(n_layers // 2, n_layers))
+        run(f"bucketed, layers {upper[0]}-{upper[-1]} only", layers=upper)
+    run("bucketed, attention only", target_modules=ATTN)
+    if "compile" in args.extra:
+        run("bucketed, torch.compile", compile=True)
+    if bf16_supported() or args.force_bf16:
+        run("bucketed, bf16 autocast", precision="bf16")
+    else:
+        print(f"{'bucketed, bf16 autocast':34s} skipped: this CPU has no AVX512-BF16/AMX flag (fp32 only; "
+              "--force-bf16 runs it anyway)")
+    ref = rows[0] if rows else None
+    if ref:
+        print("\nratios to the first line (tokens/s; held-out loss after the same examples):")
+        for r in rows:
+            print(f"  {r['variant']:34s} {r['tokens_per_s'] / ref['tokens_per_s']:5.2f}x   "
+                  f"held-out loss {r['heldout_loss']:.3f} ({r['heldout_loss'] - ref['heldout_loss']:+.3f})")
+    print("(wall-clock on a shared machine: noisy; the ratios come from one run)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 def main(argv=None):
@@ -169,6 +223,10 @@ def main(argv=None):
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=["text", "choice_ce", "choice_ce_sum"])
+    p.add_argument("--heldout", type=int, default=48, help="speed: items for the held-out loss")
+    p.add_argument("--extra", nargs="*", default=["compile"], help="speed: optional variants to run (compile)")
+    p.add_argument("--force-bf16", action="store_true", help="speed: run bf16 autocast without AVX512-BF16/AMX")
+    p.add_argument("--json", help="speed: also write the rows to this file")
     args = p.parse_args(argv)
     (speed if args.mode == "speed" else compare)(args)
 

@@ -26,6 +26,7 @@ CommonsenseQA (r=16 on attention and MLP projections, lr 1e-3, batch 8, one epoc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ ENCODING = "whole-prompts-over-cutoff-dropped"  # how examples are built; part o
 TEXT_ENCODING = "context+continuation-ids-over-cutoff-dropped"  # the same for text targets
 TARGETS = ("letter", "text", "choice_ce")
 CHOICE_NORMS = ("sum", "char")
+PRECISIONS = ("fp32", "bf16")
 IGNORE = -100  # label of a position that carries no loss
 
 
@@ -68,6 +70,15 @@ def _length(example) -> int:
     return len(example[0])
 
 
+def bf16_supported(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag)."""
+    try:
+        flags = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 class LoraFineTuner:
     """Fine-tune a LoRA adapter of ``base_model`` on multiple-choice questions.
 
@@ -75,6 +86,12 @@ class LoraFineTuner:
     each prompt is the answer letter), ``"text"`` (``fit`` takes :class:`~moe2lib.tasks.ChoiceItem`s;
     the gold continuation's tokens after its context) or ``"choice_ce"`` (ChoiceItems; the gold choice
     under the softmax over all choices' log-likelihoods, normalised by ``choice_norm``).
+
+    Speed options (``benchmarks/bench_finetune.py speed`` measures each): ``layers`` puts LoRA on these
+    transformer layers only (peft's ``layers_to_transform``; the upper half of the layers also spares
+    the backward pass through the lower half), ``precision="bf16"`` runs the forward pass under bf16
+    autocast (fast only on CPUs with AVX512-BF16 or AMX: :func:`bf16_supported`), ``compile`` wraps the
+    model in ``torch.compile``.
 
     After ``fit``: ``history_`` (one dict per optimizer step: step, loss, lr, tokens_per_s),
     ``n_train_``, ``final_loss_`` (mean loss of the last 10% of steps), ``wall_time_s_``,
@@ -88,7 +105,8 @@ class LoraFineTuner:
                  lr: float = 2e-4, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                  warmup_ratio: float = 0.03, max_steps: int | None = None, seed: int = 0,
                  n_threads: int = 2, progress: bool = True, target: str = "letter",
-                 choice_norm: str = "char"):
+                 choice_norm: str = "char", layers: Sequence[int] | None = None, precision: str = "fp32",
+                 compile: bool = False):
         self.base_model = base_model
         self.rank = rank
         self.alpha = alpha
@@ -108,6 +126,9 @@ class LoraFineTuner:
         self.progress = progress
         self.target = target
         self.choice_norm = choice_norm
+        self.layers = layers
+        self.precision = precision
+        self.compile = compile
 
     def get_params(self) -> dict:
         keys = ("base_model", "rank", "alpha", "dropout", "target_modules", "cutoff_len", "epochs",
@@ -119,6 +140,10 @@ class LoraFineTuner:
             params["target"] = self.target
             if self.target == "choice_ce":
                 params["choice_norm"] = self.choice_norm
+        if self.layers is not None:  # options that change the adapter enter the fingerprint when set
+            params["layers"] = [int(i) for i in self.layers]
+        if self.precision != "fp32":
+            params["precision"] = self.precision
         return params
 
     def _check(self):
@@ -136,6 +161,12 @@ class LoraFineTuner:
         if self.choice_norm not in CHOICE_NORMS:
             raise InputError(f"must be one of {', '.join(CHOICE_NORMS)}, not {self.choice_norm!r}",
                              param="choice_norm")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"must be one of {', '.join(PRECISIONS)}, not {self.precision!r}", param="precision")
+        if self.layers is not None and (isinstance(self.layers, str) or not self.layers or not all(
+                isinstance(i, (int, np.integer)) and i >= 0 for i in self.layers)):
+            raise InputError(f"must be None or a non-empty list of layer indices, not {self.layers!r}",
+                             param="layers")
         if isinstance(self.target_modules, str) or not self.target_modules:
             raise InputError(f"must be a non-empty list of module names, not {self.target_modules!r}",
                              param="target_modules")
@@ -382,10 +413,19 @@ class LoraFineTuner:
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         base, tok = self.load_base()
+        layers = None if self.layers is None else [int(i) for i in self.layers]
+        n_layers = base.config.num_hidden_layers
+        if layers is not None and max(layers) >= n_layers:
+            raise InputError(f"{self.base_model} has {n_layers} layers (0..{n_layers - 1}), not {max(layers)}",
+                             param="layers")
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+                            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+                            layers_to_transform=layers)
         model = get_peft_model(base, config)
         model.train()
+        forward = torch.compile(model, dynamic=True) if self.compile else model
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16"
+                    else contextlib.nullcontext())
         examples = self.encode(tok, questions)
         keep = self.within_cutoff(examples)
         if not len(keep):
@@ -412,7 +452,8 @@ class LoraFineTuner:
                   else [len(rows) for rows in batches])
         for i, rows in enumerate(batches):
             batch = self.collate([examples[r] for r in rows], pad)
-            loss = self.batch_loss(model, *batch)
+            with autocast:
+                loss = self.batch_loss(forward, *batch)
             (loss * weight[i] / sum(weight[j] for j in self._group(i, len(batches)))).backward()
             losses.append((loss.item(), weight[i]))
             tokens += int(batch[1].sum())

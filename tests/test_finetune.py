@@ -337,3 +337,41 @@ def test_choice_ce_raises_the_gold_choice(items):
     # -log p(gold) per item: lower on average after three steps (p(gold) rose)
     print(f"choice_ce, 3 steps: mean p(gold) {np.exp(-base).mean():.3f} -> {np.exp(-tuned).mean():.3f}")
     assert np.isfinite(tuned).all() and tuned.mean() < base.mean() - 0.1, (tuned, base)
+
+
+def test_speed_options_are_checked_and_enter_the_fingerprint_only_when_set(tmp_path):
+    from moe2lib.finetune import bf16_supported
+
+    for kw, param in (({"precision": "fp16"}, "precision"), ({"layers": [-1]}, "layers"),
+                      ({"layers": []}, "layers"), ({"layers": "0,1"}, "layers")):
+        with pytest.raises(InputError) as info:
+            LoraFineTuner(MODEL, **kw)._check()
+        assert info.value.param == param
+    default = LoraFineTuner(MODEL, target="text").get_params()
+    assert "layers" not in default and "precision" not in default  # existing experts keep their keys
+    assert LoraFineTuner(MODEL, target="text", layers=(2, 3)).get_params()["layers"] == [2, 3]
+    assert LoraFineTuner(MODEL, target="text", precision="bf16").get_params()["precision"] == "bf16"
+    cpu = tmp_path / "cpuinfo"
+    cpu.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert bf16_supported(str(cpu))
+    cpu.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert not bf16_supported(str(cpu)) and not bf16_supported(str(tmp_path / "missing"))
+
+
+@slow
+def test_lora_on_upper_layers_only_trains_and_exports(items, tmp_path):
+    import re
+
+    from moe2lib import lora, models
+
+    upper = list(range(15, 30))
+    ft = ttuner(layers=upper, max_steps=2).fit(items)
+    trained = {n for n, p in ft.model_.named_parameters() if p.requires_grad}
+    assert {int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for n in trained} == set(upper)
+    assert len(trained) == len(upper) * 4 * 2 and all(np.isfinite(h["loss"]) for h in ft.history_)
+    ft.model_.save_pretrained(tmp_path / "upper")
+    path = lora.export_gguf(tmp_path / "upper", models.locate(MODEL, "llm"), tmp_path / "upper.gguf")
+    assert lora.check_adapter(path, models.locate(MODEL, "llm"))["n_targets"] == len(upper) * 4
+    with pytest.raises(InputError) as info:
+        ttuner(layers=[30], max_steps=1).fit(items)
+    assert info.value.param == "layers"
