@@ -94,9 +94,9 @@ class LoraFineTuner:
     model in ``torch.compile``.
 
     After ``fit``: ``history_`` (one dict per optimizer step: step, loss, lr, tokens_per_s),
-    ``n_train_``, ``final_loss_`` (mean loss of the last 10% of steps), ``wall_time_s_``,
-    ``adapter_dir_`` (the saved peft folder when ``out_dir`` was given) and ``model_`` (the peft model,
-    only when training ran in this process).
+    ``n_train_``, ``n_over_cutoff_``, ``final_loss_`` (mean loss of the last 10% of steps), ``wall_time_s_``,
+    ``fingerprint_`` (of the parameters and questions), ``model_`` and ``tokenizer_``. ``save`` writes the
+    adapter to a folder (``adapter_dir_``); :func:`fit_saved` reuses such a folder or fits and saves one.
     """
 
     def __init__(self, base_model: str, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
@@ -377,30 +377,16 @@ class LoraFineTuner:
                                  "items": [[it.qid, it.source, [list(p) for p in it.pairs()], it.gold]
                                            for it in questions]})
 
-    def fit(self, questions: Sequence, out_dir=None):
-        """Train on ``questions`` (Questions for the letter target, ChoiceItems for text targets); with
-        ``out_dir``, save the adapter there and skip if it is already done.
+    def fit(self, questions: Sequence) -> "LoraFineTuner":
+        """Train on ``questions`` (Questions for the letter target, ChoiceItems for text targets).
 
-        The folder is built in a temporary sibling and renamed into place with ``meta.json`` inside,
-        so an interrupted run leaves no half-written expert and simply trains again.
+        Only trains: :meth:`save` writes the adapter, :func:`fit_saved` reuses a finished folder.
         """
         self._check()
         questions = self._check_items(questions)
-        key = self.fingerprint(questions)
-        if out_dir is not None:
-            out_dir = Path(out_dir)
-            done = out_dir / DONE
-            if done.exists() and (out_dir / "adapter_model.safetensors").exists():  # a marker alone is no adapter
-                meta = artifacts.read_json(done)
-                if meta.get("fingerprint") == key:
-                    self._from_meta(meta, out_dir)
-                    return self
-            for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
         with parallel.torch_threads(self.n_threads):
             self._train(questions)
-        if out_dir is not None:
-            self._save(out_dir, key)
+        self.fingerprint_ = self.fingerprint(questions)
         return self
 
     def _train(self, questions):
@@ -480,15 +466,23 @@ class LoraFineTuner:
         tail = history[-max(1, len(history) // 10):]
         self.final_loss_ = float(np.mean([h["loss"] for h in tail]))
         self.wall_time_s_ = time.time() - t0
-        self.adapter_dir_ = None
-        self.skipped_ = False
+        self.adapter_dir_ = None  # a new adapter: not saved yet
         return self
 
     def _group(self, i: int, n: int) -> range:
         start = i - i % self.grad_accum
         return range(start, min(start + self.grad_accum, n))
 
-    def _save(self, out_dir: Path, key: str):
+    def save(self, out_dir) -> Path:
+        """Write the fitted adapter, ``history.json`` and ``meta.json`` (its fingerprint among them) to
+        ``out_dir``, replacing what is there.
+
+        The folder is built in a temporary sibling and renamed into place with ``meta.json`` inside, so an
+        interrupted run leaves no half-written expert.
+        """
+        if not hasattr(self, "model_"):
+            raise InputError("the tuner has no trained adapter to save: call fit() first", param="self")
+        out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         try:
@@ -496,7 +490,7 @@ class LoraFineTuner:
             tokens_per_s = [h["tokens_per_s"] for h in self.history_]
             artifacts.write_json(tmp / "history.json", self.history_)
             artifacts.write_json(tmp / DONE, {
-                "fingerprint": key, "params": self.get_params(), "n_train": self.n_train_,
+                "fingerprint": self.fingerprint_, "params": self.get_params(), "n_train": self.n_train_,
                 "n_over_cutoff": self.n_over_cutoff_,
                 "n_steps": len(self.history_), "final_loss": self.final_loss_,
                 "wall_time_s": round(self.wall_time_s_, 2),
@@ -510,6 +504,7 @@ class LoraFineTuner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.adapter_dir_ = out_dir
+        return out_dir
 
     def _from_meta(self, meta: dict, out_dir: Path):
         self.history_ = artifacts.read_json(out_dir / "history.json")
@@ -517,28 +512,51 @@ class LoraFineTuner:
         self.n_over_cutoff_ = meta.get("n_over_cutoff", 0)
         self.final_loss_ = meta["final_loss"]
         self.wall_time_s_ = meta["wall_time_s"]
+        self.fingerprint_ = meta["fingerprint"]
         self.adapter_dir_ = out_dir
         self.skipped_ = True
 
 
+def fit_saved(tuner: LoraFineTuner, questions: Sequence, out_dir) -> LoraFineTuner:
+    """The experts stage's resumable step: reuse ``out_dir`` when it holds a finished adapter of the same
+    parameters and questions (``skipped_`` True), else fit the tuner and save it there (``skipped_`` False).
+
+    A folder without ``meta.json`` or without weights (a clone carries only the small files) is trained
+    again, and the temporaries an interrupted save left beside it are removed first.
+    """
+    tuner._check()
+    questions = tuner._check_items(questions)
+    out_dir = Path(out_dir)
+    done = out_dir / DONE
+    if done.exists() and (out_dir / "adapter_model.safetensors").exists():  # a marker alone is no adapter
+        meta = artifacts.read_json(done)
+        if meta.get("fingerprint") == tuner.fingerprint(questions):
+            tuner._from_meta(meta, out_dir)
+            return tuner
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tuner.fit(questions).save(out_dir)
+    tuner.skipped_ = False
+    return tuner
+
+
 def _fit_job(tuner: LoraFineTuner, questions, out_dir) -> bool:
-    return not tuner.fit(questions, out_dir=out_dir).skipped_
+    return not fit_saved(tuner, questions, out_dir).skipped_
 
 
 def fit_all(jobs, workers: int = 1) -> list[LoraFineTuner]:
-    """Fit ``(tuner, questions, out_dir)`` jobs, ``workers`` at once in processes of their own.
+    """:func:`fit_saved` of ``(tuner, questions, out_dir)`` jobs, ``workers`` at once in processes of their own.
 
-    Each job saves its adapter to ``out_dir`` (skipped when it is already there); the tuners returned are
-    read back from those folders, with ``skipped_`` False for the ones trained now. Give each tuner
-    ``n_threads`` = the cores / ``workers``.
+    The tuners returned are read back from their folders, with ``skipped_`` False for the ones trained now.
+    Give each tuner ``n_threads`` = the cores / ``workers``.
     """
     jobs = [tuple(j) for j in jobs]
     if parallel.check_workers(workers) == 1:
-        return [tuner.fit(q, out_dir=d) for tuner, q, d in jobs]
+        return [fit_saved(tuner, q, d) for tuner, q, d in jobs]
     trained = parallel.run(_fit_job, jobs, workers, desc=f"LoRA fine-tuning ({workers} at once)")
     out = []
     for (tuner, q, d), now in zip(jobs, trained):
-        tuner.fit(q, out_dir=d)
+        fit_saved(tuner, q, d)
         tuner.skipped_ = not now
         out.append(tuner)
     return out

@@ -1,4 +1,4 @@
-"""Token-level fusion of experts' next-token distributions (paper eqs. (2), (26)–(29)), over text.
+"""Token-level fusion of experts' next-token distributions (paper eq. (29)), over text.
 
 Each expert reports only its top-n next tokens, as strings with probabilities (a server's
 ``top_logprobs``). Experts may use different tokenizers (SmolLM2, Gemma), so candidates are aligned on
@@ -21,6 +21,9 @@ The fused scores are normalised over U, i.e. (29) conditioned on the next text b
 ``remainder="drop"`` and ``prefix=False`` no normalisation is needed: it is exactly (29) on the
 renormalised top-n distributions. The empty string ``STOP`` stands for end of text (llama-cpp-python's
 server detokenises EOS and other special tokens to "").
+
+The weights are :func:`moe2lib.gating.subset_weights` (eqs. (2), (28)) of the Top-k
+:func:`moe2lib.gating.topk_mask` (eqs. (26)–(27)); the weighted sum is :func:`moe2lib.gating.fuse` (eq. (3)).
 """
 
 from __future__ import annotations
@@ -36,25 +39,6 @@ from .errors import InputError
 STOP = ""
 REMAINDERS = ("drop", "uniform")
 DEFAULT_VOCAB = 50_000  # vocabulary size assumed for remainder="uniform" when an expert's is unknown
-
-
-def subset_weights(gate: Sequence[float], mask: Sequence[bool]) -> np.ndarray:
-    """Eq. (2) for one prompt (:func:`moe2lib.gating.subset_weights`); an empty subset is an error here."""
-    if not np.asarray(mask, dtype=bool).any():
-        raise InputError("the subset is empty", param="mask")
-    g = np.asarray(gate, dtype=float)
-    m = np.asarray(mask, dtype=bool)
-    top = np.max(g[m], initial=0.0) if g.shape == m.shape and np.isfinite(g).all() else 1.0
-    # scaled by the subset's largest value first: finite gates such as 1e308 would overflow their sum to inf
-    return gating.subset_weights(np.where(m, g, 0.0) / top if top > 0 else g, mask)
-
-
-def top_k_mask(gate: Sequence[float], k: int | None, mask: Sequence[bool] | None = None) -> np.ndarray:
-    """Eqs. (26)–(27) for one prompt: the Top-k experts of subset S (all of S when ``k`` is None)."""
-    m = np.ones(np.shape(gate), bool) if mask is None else np.asarray(mask, dtype=bool)
-    if k is not None and (isinstance(k, bool) or k < 1):
-        raise InputError(f"top_k must be >= 1, got {k}", param="top_k")
-    return m.copy() if k is None else gating.topk_mask(gate, m, k)[0]
 
 
 def probs_from_logprobs(top: Mapping[str, float]) -> dict[str, float]:
@@ -110,10 +94,10 @@ def expert_scores(top: Mapping[str, float], candidates: Sequence[str], *, remain
     return out
 
 
-def fuse(tops: Sequence[Mapping[str, float]], weights: Sequence[float], *, remainder: str = "drop",
-         prefix: bool = True, vocab_sizes: Sequence[int | None] | None = None,
-         names: Sequence[str] = ()) -> Fused:
-    """Eq. (29) over the union of the experts' top-n strings: p(c) ∝ Σ_k w_k p̃_k(c)."""
+def fuse_text(weights: Sequence[float], tops: Sequence[Mapping[str, float]], *, remainder: str = "drop",
+              prefix: bool = True, vocab_sizes: Sequence[int | None] | None = None,
+              names: Sequence[str] = ()) -> Fused:
+    """Eq. (29) over the union of the experts' top-n strings: p(c) ∝ Σ_k w_k p̃_k(c) (eq. (3) on p̃)."""
     w = np.asarray(weights, dtype=float)
     if len(tops) != len(w) or len(tops) == 0:
         raise InputError(f"{len(tops)} distributions but {len(w)} weights", param="weights")
@@ -129,7 +113,7 @@ def fuse(tops: Sequence[Mapping[str, float]], weights: Sequence[float], *, remai
     sizes = list(vocab_sizes) if vocab_sizes is not None else [None] * len(tops)
     scores = np.stack([expert_scores(t, candidates, remainder=remainder, prefix=prefix, vocab_size=v)
                        for t, v in zip(tops, sizes)])
-    fused = w @ scores
+    fused = gating.fuse(w[None], scores[None])[0]
     total = fused.sum()
     if not (total > 0 and np.isfinite(total)):  # every product underflowed (subnormal probabilities): in logs
         with np.errstate(divide="ignore"):
@@ -181,3 +165,14 @@ def steps_figure(steps: Sequence[dict]):
     fig.suptitle("Fused next-token distribution (29) over the experts' top-n strings")
     fig.tight_layout()
     return fig
+
+
+# The former spellings, kept only for moe2lib.coordinator (refactored separately); new code calls
+# gating.subset_weights, gating.topk_mask and fuse_text.
+subset_weights = gating.subset_weights
+top_k_mask = gating.topk_mask
+
+
+def fuse(tops, weights, **kwargs) -> Fused:
+    """:func:`fuse_text` with the former argument order (distributions first), for moe2lib.coordinator."""
+    return fuse_text(weights, tops, **kwargs)

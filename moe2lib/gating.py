@@ -64,29 +64,34 @@ def subset_weights(gate, mask) -> np.ndarray:
     g = np.where(mask, gate, 0.0)
     with np.errstate(over="ignore"):
         total = g.sum(-1, keepdims=True)
-    if not np.isfinite(total).all():  # weights would all be 0: refuse rather than return a non-distribution
-        raise InputError("gating values are too large: their sum overflows (scale them, e.g. by their max)",
-                         param="gate")
+    if not np.isfinite(total).all():  # finite gates such as 1e308 overflow their sum: those rows by their max
+        g = g / np.where(np.isfinite(total), 1.0, g.max(-1, keepdims=True))
+        total = g.sum(-1, keepdims=True)
     size = mask.sum(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(total > 0, g / total, np.where(size > 0, mask / np.maximum(size, 1), 0.0))
     return w
 
 
-def topk_mask(gate, subset_mask, k: int) -> np.ndarray:
-    """Eqs. (26)–(27): per prompt, the ``k`` members of S with the largest gating values → (N, K) bool.
+def topk_mask(gate, k: int | None, mask=None) -> np.ndarray:
+    """Eqs. (26)–(27): per prompt, the ``k`` members of subset ``mask`` (default: all K) with the largest
+    gating values → bool, ``gate`` and ``mask`` broadcast (as in :func:`subset_weights`); ``k`` None keeps
+    the whole subset.
 
     Ties go to the lower expert index; a prompt whose subset has fewer than ``k`` members keeps them all.
     Feed the result to :func:`subset_weights` for eq. (28).
     """
+    gate = _as_gate(gate)
+    mask = np.ones(gate.shape[-1], bool) if mask is None else _as_mask(mask, gate.shape[-1])
     try:
-        k = operator.index(k)
-    except TypeError:
-        raise InputError(f"must be a positive integer, got {k!r}", param="k") from None
-    if k < 1:
-        raise InputError(f"must be a positive integer, got {k}", param="k")
-    gate = np.atleast_2d(_as_gate(gate))
-    mask = np.broadcast_to(_as_mask(subset_mask, gate.shape[-1], "subset_mask"), gate.shape)
+        mask = np.broadcast_to(mask, np.broadcast_shapes(mask.shape, gate.shape))
+    except ValueError:
+        raise InputError(f"mask {mask.shape} does not broadcast against gate {gate.shape}", param="mask") from None
+    if k is None:
+        return mask.copy()
+    if isinstance(k, bool) or not hasattr(k, "__index__") or operator.index(k) < 1:
+        raise InputError(f"must be a positive integer or None, got {k!r}", param="k")
+    k = operator.index(k)
     rank = np.argsort(np.where(mask, -gate, np.inf), axis=-1, kind="stable").argsort(-1)
     return mask & (rank < k)
 
@@ -104,10 +109,7 @@ def fused_answer(gate, probs, mask=None, top_k: int | None = None) -> np.ndarray
     """Alg. 3's answer per prompt: subset ``mask`` (default all K), its Top-k by gating value if ``top_k``,
     weights (2)/(28), fused (3)/(29), argmax letter → (N,)."""
     gate = np.atleast_2d(_as_gate(gate))
-    mask = np.ones(gate.shape[-1], bool) if mask is None else _as_mask(mask, gate.shape[-1])
-    if top_k is not None:
-        mask = topk_mask(gate, mask, top_k)
-    return fuse(subset_weights(gate, mask), probs).argmax(-1)
+    return fuse(subset_weights(gate, topk_mask(gate, top_k, mask)), probs).argmax(-1)
 
 
 def correct_probs(probs, answer) -> np.ndarray:

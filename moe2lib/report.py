@@ -170,7 +170,7 @@ def draw_tables(art: Path, out: Writer) -> None:
     """The CSV and Markdown tables and their heatmaps from metrics.json's cell records; the Pareto figures
     from every subset's accuracy, recomputed (no model: a fused argmax) from the scoring, gating and
     profiles artifacts the notebook read."""
-    from . import profiling, tables
+    from . import costmodel, profiling, tables
 
     d = art / "tables"
     params = _read_json(d / artifacts.META_NAME)["params"]
@@ -190,7 +190,7 @@ def draw_tables(art: Path, out: Writer) -> None:
     profiles = profiling.load_profiles(_need(art / "profiles" / "profiles.json"), experts)
     app_class = params["app_class"]
     for mode in params["modes"]:
-        cost = profiling.cost_arrays(profiles, mode, app_class, experts)
+        cost = costmodel.cost_arrays(profiles, mode, app_class, experts)
         masks, delay, energy, acc = tables.all_subsets(test, *cost, top_k=params["top_k"])
         source = ", ".join(sorted({e["classes"][app_class]["energy_source"] for e in profiles["modes"][mode].values()}))
         out.figure(tables.pareto_figure(masks, delay, energy, acc, f"{mode} ({source})"), f"tables_pareto_{mode}.png")

@@ -20,7 +20,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked (not a core dependency): {name}")
 sys.meta_path.insert(0, Block())
 import numpy as np
-from moe2lib import devices, evaluation, fusion, gating, profiling, smo
+from moe2lib import costmodel, devices, evaluation, fusion, gating, smo
 
 rng = np.random.default_rng(0)
 K, N = 6, 40
@@ -34,10 +34,11 @@ delay, energy = rng.uniform(0.1, 1, K), rng.uniform(1, 5, K)
 got = smo.select_subset(loss, delay, energy, 0.8, 8.0)
 ref = smo.exhaustive_subset(loss, delay, energy, 0.8, 8.0)
 assert np.array_equal(got.mask, ref.mask) and abs(got.loss - ref.loss) < 1e-12
-w = fusion.subset_weights([0.5, 0.3, 0.2], [True, False, True])
+w = gating.subset_weights([0.5, 0.3, 0.2], [True, False, True])
 assert np.allclose(w, [0.5 / 0.7, 0, 0.2 / 0.7])
-cost = profiling.ModelCost("m", params=1e8, weight_bytes=2e8, n_layer=12, attn_width=768, source="test")
-model = profiling.RooflineModel.from_device(cost, devices.get("rtx4090"))
+assert fusion.fuse_text(w[[0, 2]], [{"a": 0.9, "b": 0.1}, {"b": 1.0}]).argmax() == "a"
+cost = costmodel.ModelCost("m", params=1e8, weight_bytes=2e8, n_layer=12, attn_width=768, source="test")
+model = costmodel.RooflineModel.from_device(cost, devices.get("rtx4090"))
 assert model.prefill(64) > 0 and model.decode(64) > 0
 assert evaluation.majority_vote(np.eye(4)[[[2, 2, 1]]]).tolist() == [2]
 print("core ok", round(float(full), 6), np.flatnonzero(got.mask).tolist())

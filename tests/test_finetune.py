@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from moe2lib import data, experts
 from moe2lib.errors import InputError
-from moe2lib.finetune import ChoiceExample, LoraFineTuner, TextExample
+from moe2lib.finetune import ChoiceExample, LoraFineTuner, TextExample, fit_saved
 from moe2lib.tasks import ChoiceItem
 
 slow = pytest.mark.slow
@@ -101,8 +101,8 @@ def test_loss_is_only_the_letter_cross_entropy(questions):
 def test_seeded_training_is_deterministic_learns_the_letter_and_resumes(questions, tmp_path):
     import torch
 
-    a = tuner(seed=0).fit(questions, out_dir=tmp_path / "a")
-    b = tuner(seed=0).fit(questions, out_dir=tmp_path / "b")
+    a = fit_saved(tuner(seed=0), questions, tmp_path / "a")
+    b = fit_saved(tuner(seed=0), questions, tmp_path / "b")
     c = tuner(seed=1, max_steps=1).fit(questions)
     wa = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
@@ -122,21 +122,21 @@ def test_seeded_training_is_deterministic_learns_the_letter_and_resumes(question
 
     # a finished folder is reused (no training); an interrupted one is cleaned up and trained again
     mtime = (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns
-    again = tuner(seed=0).fit(questions, out_dir=tmp_path / "a")
+    again = fit_saved(tuner(seed=0), questions, tmp_path / "a")
     assert again.skipped_ and again.final_loss_ == a.final_loss_ and not hasattr(again, "model_")
     assert (tmp_path / "a" / "adapter_model.safetensors").stat().st_mtime_ns == mtime
     (tmp_path / ".b.x1y2.tmp").mkdir()
     (tmp_path / "b" / "meta.json").unlink()  # as if killed before the folder was complete
-    redo = tuner(seed=0).fit(questions, out_dir=tmp_path / "b")
+    redo = fit_saved(tuner(seed=0), questions, tmp_path / "b")
     assert not redo.skipped_ and (tmp_path / "b" / "meta.json").exists()
     # a clone carries meta.json and history.json (small, committed) but no weights: trained again
     (tmp_path / "a" / "adapter_model.safetensors").unlink()
-    fresh = tuner(seed=0).fit(questions, out_dir=tmp_path / "a")
+    fresh = fit_saved(tuner(seed=0), questions, tmp_path / "a")
     assert not fresh.skipped_ and (tmp_path / "a" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.glob(".b.*.tmp"))
     assert [h["loss"] for h in redo.history_] == [h["loss"] for h in a.history_]
     # other parameters make it a different expert: trained again, not reused
-    assert not tuner(seed=0, max_steps=1).fit(questions, out_dir=tmp_path / "a").skipped_
+    assert not fit_saved(tuner(seed=0, max_steps=1), questions, tmp_path / "a").skipped_
 
 
 def test_bad_parameters():
@@ -144,6 +144,26 @@ def test_bad_parameters():
         LoraFineTuner(MODEL, batch_size=0).fit([])
     with pytest.raises(InputError, match="questions"):
         LoraFineTuner(MODEL).fit([])
+    with pytest.raises(InputError, match="call fit"):
+        LoraFineTuner(MODEL).save("unused")
+
+
+def test_fit_saved_reads_back_a_finished_folder_of_the_same_fingerprint(questions, tmp_path):
+    """No model runs: a folder whose meta.json has this tuner's fingerprint (and weights) is reused as it is."""
+    from moe2lib import artifacts, finetune
+
+    ft = tuner(seed=0)
+    folder = tmp_path / "e0"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    artifacts.write_json(folder / "history.json", [{"step": 1, "loss": 1.25}])
+    artifacts.write_json(folder / "meta.json", {"fingerprint": ft.fingerprint(questions), "n_train": 12,
+                                                "final_loss": 1.25, "wall_time_s": 3.0})
+    got = finetune.fit_saved(ft, questions, folder)
+    assert got is ft and ft.skipped_ and ft.adapter_dir_ == folder and ft.n_train_ == 12
+    assert ft.history_ == [{"step": 1, "loss": 1.25}] and ft.fingerprint_ == ft.fingerprint(questions)
+    assert not hasattr(ft, "model_") and (folder / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert ft.fingerprint(questions) != tuner(seed=1).fingerprint(questions)  # another seed: another expert
 
 
 def test_select_examples_samples_and_tops_up_small_clusters():
@@ -300,7 +320,7 @@ def test_text_target_learns_the_continuations_with_mlp_modules(items, tmp_path):
     from moe2lib import lora, models
 
     modules = ("q_proj", "k_proj", "v_proj", "o_proj") + MLP
-    ft = ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3).fit(items, out_dir=tmp_path / "text")
+    ft = fit_saved(ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3), items, tmp_path / "text")
     assert ft.n_train_ == len(items) and ft.n_over_cutoff_ == 0 and len(ft.history_) == 4  # 2 x 8 items / batch 4
     assert all(np.isfinite(h["loss"]) for h in ft.history_)
     batch = ft.collate(ft.encode(ft.tokenizer_, items), pad_id=0)
@@ -317,10 +337,10 @@ def test_text_target_learns_the_continuations_with_mlp_modules(items, tmp_path):
     info = lora.check_adapter(path, models.locate(MODEL, "llm"))
     assert {"ffn_gate", "ffn_up", "ffn_down", "attn_q"} <= set(info["modules"]) and info["n_targets"] == 30 * 7
     # other target, other expert: not reused
-    again = ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3).fit(items, out_dir=tmp_path / "text")
+    again = fit_saved(ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3), items, tmp_path / "text")
     assert again.skipped_ and again.final_loss_ == ft.final_loss_
     other = ttuner(target="choice_ce", target_modules=modules, max_steps=1, lr=3e-3)
-    assert not other.fit(items, out_dir=tmp_path / "text").skipped_
+    assert not fit_saved(other, items, tmp_path / "text").skipped_
 
 
 @slow

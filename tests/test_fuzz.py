@@ -142,20 +142,18 @@ prob = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 5e-324, 1e-300, 1.0]
 def test_subset_weights_are_a_distribution_on_the_subset(g, draw):
     mask = np.array(draw.draw(st.lists(st.booleans(), min_size=len(g), max_size=len(g))))
     assume(mask.any())
-    w = fusion.subset_weights(g, mask)
+    w = gating.subset_weights(g, mask)
     assert np.all(np.isfinite(w)) and np.all(w >= 0) and np.all(w[~mask] == 0)
     assert w.sum() == pytest.approx(1.0, abs=1e-9)
-    try:  # the library function itself: the same weights, or a clear refusal when the sum overflows
-        np.testing.assert_allclose(gating.subset_weights(g, mask), w, rtol=1e-9, atol=1e-300)
-    except InputError as exc:
-        assert exc.param == "gate" and not math.isfinite(sum(x for x, m in zip(g, mask) if m))
+    # many prompts at once (one of them this one) give this prompt the same weights
+    np.testing.assert_array_equal(gating.subset_weights(np.stack([g, np.ones(len(g))]), mask)[0], w)
 
 
 @settings(max_examples=200, **FAST)
 @given(st.lists(st.floats(0.0, 1e6), min_size=1, max_size=8), st.integers(1, 10), st.data())
-def test_top_k_mask_picks_the_k_largest_of_the_subset(g, k, draw):
+def test_topk_mask_picks_the_k_largest_of_the_subset(g, k, draw):
     mask = np.array(draw.draw(st.lists(st.booleans(), min_size=len(g), max_size=len(g))))
-    keep = fusion.top_k_mask(g, k, mask)
+    keep = gating.topk_mask(g, k, mask)
     g = np.asarray(g)
     assert not (keep & ~mask).any() and keep.sum() == min(k, mask.sum())
     if keep.any() and (mask & ~keep).any():
@@ -168,9 +166,9 @@ def test_top_k_mask_picks_the_k_largest_of_the_subset(g, k, draw):
        st.one_of(st.just(0.0), st.floats(1e-320, 1e6), st.sampled_from([5e-324, 1e-310, 1e300])))
 def test_fused_is_a_distribution_and_choose_picks_a_candidate(tops, draw, remainder, prefix, temperature):
     g = draw.draw(st.lists(any_gate, min_size=len(tops), max_size=len(tops)))
-    w = fusion.subset_weights(g, [True] * len(tops))
+    w = gating.subset_weights(g, [True] * len(tops))
     try:
-        f = fusion.fuse(tops, w, remainder=remainder, prefix=prefix,
+        f = fusion.fuse_text(w, tops, remainder=remainder, prefix=prefix,
                         vocab_sizes=draw.draw(st.lists(st.one_of(st.none(), st.integers(1, 300_000)),
                                                        min_size=len(tops), max_size=len(tops))))
     except InputError as exc:  # only an expert whose top-n carries no probability at all is refused
@@ -196,7 +194,7 @@ def test_a_server_answer_is_a_distribution_or_an_expert_failure(top_logprobs, fi
     except ExpertFailed:
         return
     assert got and all(math.isfinite(v) and v >= 0 for v in got.values()) and sum(got.values()) > 0
-    fusion.fuse([got], [1.0])  # and the fusion maths accepts it
+    fusion.fuse_text([1.0], [got])  # and the fusion maths accepts it
 
 
 _JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=4)),

@@ -177,7 +177,7 @@ def test_topk_keeps_exactly_k_of_the_largest_gates_in_the_subset(gate, data):
     n, k = gate.shape
     mask = data.draw(hnp.arrays(bool, (k,)))
     top = data.draw(st.integers(1, 7))
-    keep = gating.topk_mask(gate, mask, top)
+    keep = gating.topk_mask(gate, top, mask)
     assert keep.shape == (n, k)
     assert (keep.sum(1) == min(top, mask.sum())).all()
     assert not (keep & ~mask).any()
@@ -189,14 +189,21 @@ def test_topk_keeps_exactly_k_of_the_largest_gates_in_the_subset(gate, data):
 
 def test_topk_per_prompt_ties_and_renormalisation():
     gate = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
-    keep = gating.topk_mask(gate, [True, True, True], 2)
+    keep = gating.topk_mask(gate, 2, [True, True, True])
     np.testing.assert_array_equal(keep, [[1, 1, 0], [1, 0, 1]])  # tie 0.1/0.1: the lower index
     np.testing.assert_allclose(gating.subset_weights(gate, keep), [[0.625, 0.375, 0], [1 / 9, 0, 8 / 9]])
-    np.testing.assert_array_equal(gating.topk_mask(gate, [False, True, True], 5), [[0, 1, 1], [0, 1, 1]])
+    np.testing.assert_array_equal(gating.topk_mask(gate, 5, [False, True, True]), [[0, 1, 1], [0, 1, 1]])
     with pytest.raises(InputError):
-        gating.topk_mask(gate, [True] * 3, 0)
+        gating.topk_mask(gate, 0, [True] * 3)
     with pytest.raises(InputError, match="last axis"):
-        gating.topk_mask(gate, [True] * 2, 1)
+        gating.topk_mask(gate, 1, [True] * 2)
+    # one prompt's (K,) gate keeps its shape; k None is the whole subset; the default subset is all K
+    np.testing.assert_array_equal(gating.topk_mask([0.1, 0.6, 0.3], 2), [False, True, True])
+    np.testing.assert_array_equal(gating.topk_mask([0.1, 0.6, 0.3], None, [True, False, True]), [True, False, True])
+    np.testing.assert_array_equal(gating.topk_mask(gate, None), np.ones((2, 3), bool))
+    for bad in (True, 1.5, "2"):
+        with pytest.raises(InputError, match="positive integer"):
+            gating.topk_mask(gate, bad)
 
 
 def test_subset_weights_broadcast_many_subsets_over_many_prompts():

@@ -47,7 +47,7 @@ def test_fit_all_in_processes_trains_the_serial_adapters(tmp_path):
     short = [q for q in qs if len(q.question) < 120 and max(len(c) for c in q.choices) < 25]
     a, b = arc_items(short[:8]), arc_items(short[8:16])
     kw = dict(target="text", max_steps=2, seed=3)
-    serial = [tuner(**kw).fit(a, out_dir=tmp_path / "s0"), tuner(**kw).fit(b, out_dir=tmp_path / "s1")]
+    serial = [finetune.fit_saved(tuner(**kw), part, tmp_path / name) for name, part in (("s0", a), ("s1", b))]
     jobs = [(tuner(**kw), a, tmp_path / "p0"), (tuner(**kw), b, tmp_path / "p1")]
     fitted = finetune.fit_all(jobs, workers=2)
     assert [f.skipped_ for f in fitted] == [False, False]
