@@ -432,8 +432,6 @@ class Coordinator:
         """Each expert's prompt text and its format: a text as it is (``"text"``); chat messages in the expert's
         chat template (``"chat_template"``) or, for a model without one, a plain transcript (``"transcript"``)."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise InputError("prompt must be a non-empty string", param="prompt")
             return {e.name: (prompt, "text") for e in self.experts}
         return {e.name: chat.render(prompt, e.chat_template) for e in self.experts}
 
@@ -450,11 +448,11 @@ class Coordinator:
         costs, dropped = self._costs(), {}
         known = [costs.get(n) for n in names]
         if self.deadline_s is not None:  # eq. (9): the slowest member sets the delay
-            _drop_costliest(keep, names, lambda i: known[i] and known[i].delay(max_tokens),
+            _drop_costliest(keep, names, lambda i: None if known[i] is None else known[i].delay(max_tokens),
                             lambda est: max(est.values()) > self.deadline_s,
                             lambda i, est: f"deadline: estimated {est[i]:.3g} s > {self.deadline_s:g} s", dropped)
         if self.energy_j is not None:  # eq. (12): the members' energies add up
-            _drop_costliest(keep, names, lambda i: known[i] and known[i].energy(max_tokens),
+            _drop_costliest(keep, names, lambda i: None if known[i] is None else known[i].energy(max_tokens),
                             lambda est: sum(est.values()) > self.energy_j,
                             lambda i, est: f"energy: estimated total {sum(est.values()):.3g} J > {self.energy_j:g} J",
                             dropped)
@@ -477,12 +475,13 @@ class Coordinator:
         if result is not None:
             result["generation"] = run.generation()
 
-    async def _step(self, run: "_Run", client: httpx.AsyncClient) -> Step | None:
-        """One token of Alg. 3: the budgets, the kept experts' distributions within the step's time, their fusion
-        (eq. (29)) and the choice. Sets ``run.finish`` when the generation ends (None: ended before a step)."""
+    def _budgets(self, run: "_Run", step_dropped: dict[str, str]) -> tuple[float, bool] | None:
+        """Before a step: drop the experts that would break the budgets from here on (the measured pace against
+        the time left, the next token's energy against what is left); then the step's wall-clock bound (the
+        timeout, or the time left when the deadline is nearer) and whether the deadline set it. None (with
+        ``run.finish`` set) when no expert can go on."""
         names, alive, index = run.names, run.alive, len(run.steps)
-        step_dropped: dict[str, str] = {}
-        limit, by_deadline = self.timeout, False  # the wall-clock bound of this step's requests
+        limit, by_deadline = self.timeout, False
         if self.deadline_s is not None:
             left = self.deadline_s - (time.monotonic() - run.t0)
             if left <= 0:
@@ -504,6 +503,17 @@ class Coordinator:
             if per and run.energy + sum(per) > self.energy_j:  # the last expert cannot afford a token either
                 step_dropped.update({names[i]: "energy: budget spent" for i in np.flatnonzero(alive)})
                 return run.end("energy", step_dropped)
+        return limit, by_deadline
+
+    async def _step(self, run: "_Run", client: httpx.AsyncClient) -> Step | None:
+        """One token of Alg. 3: the budgets, the kept experts' distributions within the step's time, their fusion
+        (eq. (29)) and the choice. Sets ``run.finish`` when the generation ends (None: ended before a step)."""
+        names, alive, index = run.names, run.alive, len(run.steps)
+        step_dropped: dict[str, str] = {}
+        bound = self._budgets(run, step_dropped)
+        if bound is None:
+            return None
+        limit, by_deadline = bound
         active = list(np.flatnonzero(alive))
         ts = time.monotonic()
         results = await asyncio.gather(*(self._ask(client, self.experts[i], run.prompts[names[i]] + run.text, limit)
