@@ -378,9 +378,9 @@ def _late(exc: BaseException) -> bool:
 class Coordinator:
     """Fused generation over expert servers (Alg. 3); constructor stores parameters only.
 
-    gate: ``gate(prompt) -> [K]`` gating values in ``experts`` order (None: uniform). subset: (K,) bool
-    mask S (None: all). remainder/prefix: see :mod:`moe2lib.fusion`. costs: name -> ExpertCost (or a
-    profiles.json path). deadline_s / energy_j: the application's budgets per request (None: none).
+    gate: ``gate(text) -> [K]`` gating values in ``experts`` order (a chat's text: its contents; None: uniform).
+    subset: (K,) bool mask S (None: all). remainder/prefix: see :mod:`moe2lib.fusion`. costs: name -> ExpertCost
+    (or a profiles.json path). deadline_s / energy_j: the application's budgets per request (None: none).
     """
 
     def __init__(self, experts: Sequence[ExpertClient], gate: Callable[[str], Sequence[float]] | None = None,
