@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
-
 from .errors import InputError
 
 ROLES = ("system", "user", "assistant")
@@ -117,14 +115,3 @@ def render(messages, template: ChatTemplate | None) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 - the template's own raise_exception (e.g. roles out of order)
         raise InputError(f"the conversation does not fit the expert's chat template: {exc}",
                          param="messages") from None
-
-
-def render_all(messages, templates: Mapping[str, ChatTemplate | None]) -> dict[str, tuple[str, str]]:
-    """:func:`render` for each named expert."""
-    check_messages(messages)
-    return {name: render(messages, t) for name, t in templates.items()}
-
-
-def content_chars(messages: Sequence[Mapping]) -> int:
-    """Characters of a conversation's contents (what the endpoint's prompt-length limit counts)."""
-    return sum(len(m["content"]) for m in messages)
