@@ -350,7 +350,8 @@ def main(argv=None) -> int:
         experts = ",".join(f"{n}={u}" for n, u in pool.urls.items())
         cmd = [sys.executable, "-m", "moe2lib", "serve", "--experts", experts, "--port", str(port),
                "--concurrency", str(args.endpoint_concurrency), "--max-tokens-limit", str(args.max_tokens),
-               "--timeout", str(args.expert_timeout)]
+               "--timeout", str(args.expert_timeout),
+               "--chat-templates", ",".join(f"{s.name}={s.model_path()}" for s in specs)]
         if args.deadline:
             cmd += ["--deadline", str(args.deadline)]
         api_log = logdir / "endpoint.log"

@@ -116,6 +116,7 @@ def _serve_experts(args):
     with servers.ServerPool(specs, base_port=args.base_port, host=args.host) as pool:
         for name, url in pool.urls.items():
             print(f"{name:28s} {url}", flush=True)
+        print("chat templates: " + ",".join(f"{s.spec.name}={s.spec.model_path()}" for s in pool.servers), flush=True)
         print("experts: " + ",".join(f"{n}={u}" for n, u in pool.urls.items()), flush=True)
         print("serving; Ctrl-C stops all servers", flush=True)
         try:
@@ -131,7 +132,8 @@ def _coordinator(args):
     from . import coordinator as co
 
     gate = co.gate_from_gating(args.gating) if args.gating else None
-    return co.Coordinator(co.clients_from_urls(args.experts, args.api), gate, top_k=args.top_k, top_n=args.top_n,
+    clients = co.clients_from_urls(args.experts, args.api, getattr(args, "chat_templates", None))
+    return co.Coordinator(clients, gate, top_k=args.top_k, top_n=args.top_n,
                           remainder=args.remainder, prefix=not args.exact, timeout=args.timeout,
                           costs=args.costs, deadline_s=args.deadline, energy_j=args.energy)
 
@@ -162,7 +164,7 @@ def _generate(args):
 def _serve(args):
     import uvicorn
 
-    from .coordinator import Limits, make_app
+    from .endpoint import Limits, make_app
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}, reachable beyond this machine", file=sys.stderr)
@@ -288,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible endpoint of the coordinator "
                                       "(/v1/completions, /v1/chat/completions)")
     _fusion_options(sv)
+    sv.add_argument("--chat-templates", help="each expert's model, whose GGUF chat template renders chat requests "
+                                             "for it: name=MODEL_OR_GGUF,... (serve-experts prints this line); "
+                                             "experts not named get a plain User:/Assistant: transcript")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8100)
     sv.add_argument("--max-prompt-chars", type=int, default=4000)

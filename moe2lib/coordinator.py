@@ -32,24 +32,27 @@ min(timeout, time left) of wall-clock time, experts that have not answered by th
 step and the step is fused from those that did. Faults: an expert that errors, times out or disconnects is
 dropped, the weights are renormalised on the survivors (eq. (2), Theorem 1) and generation goes on; every
 step records who took part.
+
+A prompt is a text, sent to every expert as it is, or chat messages, rendered for each expert in its own
+chat template (:mod:`moe2lib.chat`); the fused text is appended to each expert's prompt. Each expert's
+prompt length in its own tokens is read from its first answer (``usage.prompt_tokens``). The
+OpenAI-compatible HTTP endpoint over a coordinator is :mod:`moe2lib.endpoint`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Mapping, Sequence
+from typing import AsyncIterator, Callable, Mapping, Sequence, Union
 
 import httpx
 import numpy as np
-from starlette.requests import Request  # FastAPI resolves the endpoints' annotations in this module
 
-from . import fusion
+from . import chat, fusion, gating
 from .errors import InputError, ResourceUnavailable
 
 
@@ -75,6 +78,10 @@ class ExpertAPI:
     def parse(self, js: dict) -> dict[str, float]:
         """``{token string: probability}``; end of text as ``fusion.STOP``."""
         raise NotImplementedError
+
+    def prompt_tokens(self, js: dict) -> int | None:
+        """How many tokens the server read the prompt as (None: the answer does not say)."""
+        return None
 
 
 APIS: dict[str, ExpertAPI] = {}
@@ -118,6 +125,10 @@ class OpenAICompletions(ExpertAPI):
             return {fusion.STOP: 1.0}  # greedy token was EOS: the server returns no logprobs then
         raise ExpertFailed(f"no top_logprobs in the answer: {str(choice)[:200]}")
 
+    def prompt_tokens(self, js):
+        n = (js.get("usage") or {}).get("prompt_tokens") if isinstance(js, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+
 
 @_api
 class LlamaServerCompletion(ExpertAPI):
@@ -153,6 +164,10 @@ class LlamaServerCompletion(ExpertAPI):
             raise ExpertFailed("empty top-n list")
         return _checked(out)
 
+    def prompt_tokens(self, js):
+        n = js.get("tokens_evaluated") if isinstance(js, dict) else None
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+
 
 def _checked(top: dict[str, float]) -> dict[str, float]:
     """A server's distribution, or ExpertFailed when it is not one (a bad answer must drop the expert,
@@ -172,6 +187,7 @@ class ExpertClient:
     model: str | None = None          # the "model" field sent (vLLM needs it; llama-cpp-python ignores it)
     vocab_size: int | None = None     # for remainder="uniform"
     end_ids: tuple[int, ...] = ()     # end-of-generation token ids (servers.vocab_info), biased off the sample
+    chat_template: chat.ChatTemplate | None = None   # renders chat messages (None: a plain transcript)
 
     def __post_init__(self):
         self.url = self.url.rstrip("/")
@@ -184,7 +200,12 @@ class ExpertClient:
 
     async def next_distribution(self, client: httpx.AsyncClient, text: str, top_n: int,
                                 timeout: float) -> dict[str, float]:
-        top = await self._request(client, text, top_n, timeout)
+        return (await self.ask(client, text, top_n, timeout))[0]
+
+    async def ask(self, client: httpx.AsyncClient, text: str, top_n: int,
+                  timeout: float) -> tuple[dict[str, float], int | None]:
+        """(next-token top-n distribution of ``text``, its length in the server's tokens or None)."""
+        top, n = await self._request(client, text, top_n, timeout)
         if top == {fusion.STOP: 1.0} and not self.end_ids and self.api == "openai" and not self._learned:
             # the sampled token was EOS, so no logprobs came back: learn the end tokens once and ask again
             try:
@@ -193,8 +214,8 @@ class ExpertClient:
                 pass  # the server cannot say; not asked again
             self._learned = True  # not reached when the step's time bound cancels the lookup: asked again
             if self.end_ids:
-                top = await self._request(client, text, top_n, timeout)
-        return top
+                top, n = await self._request(client, text, top_n, timeout)
+        return top, n
 
     async def _request(self, client, text, top_n, timeout):
         api = APIS[self.api]
@@ -202,7 +223,8 @@ class ExpertClient:
                               timeout=timeout)
         if r.status_code != 200:
             raise ExpertFailed(f"HTTP {r.status_code}: {r.text[:200]}")
-        return api.parse(r.json())
+        js = r.json()
+        return api.parse(js), api.prompt_tokens(js)
 
     async def learn_end_ids(self, client: httpx.AsyncClient, timeout: float) -> tuple[int, ...]:
         """Ids of the usual end-of-text markers that are single tokens here (llama-cpp-python ``/extras/tokenize``)."""
@@ -272,10 +294,10 @@ def load_costs(path, names: Sequence[str] | None = None, *, mode: str = "measure
     data = read_json(path)
     costs = {}
     if isinstance(data, dict) and isinstance(data.get("modes"), dict):
-        modes = data["modes"]
-        if mode not in modes:
-            raise InputError(f"no profile mode {mode!r}; modes: {sorted(modes)}", path=path, param="mode")
-        for name, e in modes[mode].items():
+        if mode not in data["modes"]:
+            raise InputError(f"unknown profile mode {mode!r}; known: {', '.join(data['modes'])}", path=path,
+                             param="mode")
+        for name, e in data["modes"][mode].items():
             c = (e.get("classes") or {}).get(app_class) or {}
             d, en = _line(c.get("delay_s")), _line(c.get("energy_j"))
             if d is not None:
@@ -310,9 +332,12 @@ class Step:
     dropped: dict[str, str] = field(default_factory=dict)   # dropped at this step: name -> reason
 
 
+Prompt = Union[str, Sequence[Mapping[str, str]]]   # a text, or chat messages [{"role", "content"}]
+
+
 @dataclass
 class Generation:
-    prompt: str
+    prompt: Prompt
     text: str
     steps: list[Step]
     finish_reason: str                          # stop | length | deadline | energy
@@ -321,6 +346,8 @@ class Generation:
     energy_source: str
     selected: list[str]                         # experts after gating/Top-k/budgets at the start
     dropped: dict[str, str]
+    prompt_tokens: dict[str, int] = field(default_factory=dict)   # each expert's prompt in its own tokens
+    prompt_format: dict[str, str] = field(default_factory=dict)   # text | chat_template | transcript
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -351,9 +378,9 @@ def _late(exc: BaseException) -> bool:
 class Coordinator:
     """Fused generation over expert servers (Alg. 3); constructor stores parameters only.
 
-    gate: ``gate(prompt) -> [K]`` gating values in ``experts`` order (None: uniform). subset: (K,) bool
-    mask S (None: all). remainder/prefix: see :mod:`moe2lib.fusion`. costs: name -> ExpertCost (or a
-    profiles.json path). deadline_s / energy_j: the application's budgets per request (None: none).
+    gate: ``gate(text) -> [K]`` gating values in ``experts`` order (a chat's text: its contents; None: uniform).
+    subset: (K,) bool mask S (None: all). remainder/prefix: see :mod:`moe2lib.fusion`. costs: name -> ExpertCost
+    (or a profiles.json path). deadline_s / energy_j: the application's budgets per request (None: none).
     """
 
     def __init__(self, experts: Sequence[ExpertClient], gate: Callable[[str], Sequence[float]] | None = None,
@@ -392,14 +419,23 @@ class Coordinator:
             return self._loaded[1]
         return dict(self.costs)
 
-    def gate_values(self, prompt: str) -> np.ndarray:
+    def gate_values(self, prompt: Prompt) -> np.ndarray:
+        """g(x) (eq. (1)) of a text, or of chat messages' contents (:func:`moe2lib.chat.gate_text`)."""
         K = len(self.experts)
-        g = np.ones(K) / K if self.gate is None else np.asarray(self.gate(prompt), dtype=float).ravel()
+        text = prompt if isinstance(prompt, str) else chat.gate_text(prompt)
+        g = np.ones(K) / K if self.gate is None else np.asarray(self.gate(text), dtype=float).ravel()
         if g.shape != (K,):
             raise InputError(f"gate returned {g.shape[0]} values for {K} experts", param="gate")
         return g
 
-    def plan(self, prompt: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    def expert_prompts(self, prompt: Prompt) -> dict[str, tuple[str, str]]:
+        """Each expert's prompt text and its format: a text as it is (``"text"``); chat messages in the expert's
+        chat template (``"chat_template"``) or, for a model without one, a plain transcript (``"transcript"``)."""
+        if isinstance(prompt, str):
+            return {e.name: (prompt, "text") for e in self.experts}
+        return {e.name: chat.render(prompt, e.chat_template) for e in self.experts}
+
+    def plan(self, prompt: Prompt, max_tokens: int) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         """(gate values, kept mask, dropped-by-budget reasons) before the first token."""
         if not self.experts:
             raise InputError("no experts given", param="experts")
@@ -408,185 +444,159 @@ class Coordinator:
             raise InputError(f"duplicate expert names {names}", param="experts")
         g = self.gate_values(prompt)
         mask = np.ones(len(g), bool) if self.subset is None else np.asarray(self.subset, bool)
-        keep = fusion.top_k_mask(g, self.top_k, mask)
+        keep = gating.topk_mask(g, self.top_k, mask)
         costs, dropped = self._costs(), {}
-        if self.deadline_s is not None:
-            while keep.sum() > 1:
-                est = {i: costs[names[i]].delay(max_tokens) for i in np.flatnonzero(keep) if names[i] in costs}
-                if not est or max(est.values()) <= self.deadline_s:
-                    break
-                i = max(est, key=est.get)
-                keep[i] = False
-                dropped[names[i]] = f"deadline: estimated {est[i]:.3g} s > {self.deadline_s:g} s"
-        if self.energy_j is not None:
-            while keep.sum() > 1:
-                est = {i: costs[names[i]].energy(max_tokens) for i in np.flatnonzero(keep) if names[i] in costs}
-                if not est or sum(est.values()) <= self.energy_j:
-                    break
-                i = max(est, key=est.get)
-                keep[i] = False
-                dropped[names[i]] = f"energy: estimated total {sum(est.values()):.3g} J > {self.energy_j:g} J"
+        known = [costs.get(n) for n in names]
+        if self.deadline_s is not None:  # eq. (9): the slowest member sets the delay
+            _drop_costliest(keep, names, lambda i: None if known[i] is None else known[i].delay(max_tokens),
+                            lambda est: max(est.values()) > self.deadline_s,
+                            lambda i, est: f"deadline: estimated {est[i]:.3g} s > {self.deadline_s:g} s", dropped)
+        if self.energy_j is not None:  # eq. (12): the members' energies add up
+            _drop_costliest(keep, names, lambda i: None if known[i] is None else known[i].energy(max_tokens),
+                            lambda est: sum(est.values()) > self.energy_j,
+                            lambda i, est: f"energy: estimated total {sum(est.values()):.3g} J > {self.energy_j:g} J",
+                            dropped)
         return g, keep, dropped
 
     # -- generation
-    async def astream(self, prompt: str, *, max_tokens: int = 32, temperature: float = 0.0, seed: int | None = 0,
+    async def astream(self, prompt: Prompt, *, max_tokens: int = 32, temperature: float = 0.0, seed: int | None = 0,
                       stop: Sequence[str] = (), result: dict | None = None) -> AsyncIterator[Step]:
-        """Yield steps as they are made; the finished :class:`Generation` is put in ``result["generation"]``."""
+        """Yield steps as they are made; the finished :class:`Generation` is put in ``result["generation"]``.
+
+        ``prompt``: a text, or chat messages rendered for each expert in its chat template."""
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-        t0 = time.monotonic()
-        names = [e.name for e in self.experts]
-        g, alive, dropped = self.plan(prompt, max_tokens)
-        selected = [names[i] for i in np.flatnonzero(alive)]
-        costs = self._costs()
-        rng = np.random.default_rng(seed)
-        measured: dict[str, float] = {}            # each expert's latest step time (reported)
-        decode: dict[str, list[float]] = {}        # each expert's decode-step times (steps >= 1): its pace
-        text, steps, energy, finish = "", [], 0.0, "length"
-        energy += sum(costs[n].prompt_energy_j for n in selected if n in costs)
-        async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=len(names))) as client:
-            for index in range(max_tokens):
-                step_dropped: dict[str, str] = {}
-                if index > 0 and not self._runtime_budgets(alive, names, decode, costs, t0, energy,
-                                                           max_tokens - index, step_dropped):
-                    finish = next(iter(step_dropped.values())).split(":")[0] if step_dropped else "deadline"
-                    dropped.update(step_dropped)
-                    break
-                # wall-clock bound of this step's requests: the timeout, or less when the deadline is nearer
-                limit, by_deadline = self.timeout, False
-                if self.deadline_s is not None:
-                    left = self.deadline_s - (time.monotonic() - t0)
-                    if left <= 0:  # reached during planning or the first step's setup
-                        for i in np.flatnonzero(alive):
-                            step_dropped[names[i]] = "deadline: reached"
-                        dropped.update(step_dropped)
-                        finish = "deadline"
-                        break
-                    if left < limit:
-                        limit, by_deadline = left, True
-                active = [i for i in np.flatnonzero(alive)]
-                ts = time.monotonic()
-                results = await asyncio.gather(*(self._ask(client, self.experts[i], prompt + text, limit)
-                                                 for i in active), return_exceptions=True)
-                tops, ok, late = [], [], False
-                for i, res in zip(active, results):
-                    if isinstance(res, BaseException):
-                        alive[i] = False
-                        if by_deadline and _late(res):
-                            late = True
-                            step_dropped[names[i]] = f"deadline: no answer in the {limit:.3g} s left"
-                        elif _late(res):
-                            step_dropped[names[i]] = f"failed: timeout: no answer within {limit:.3g} s"
-                        else:
-                            step_dropped[names[i]] = f"failed: {type(res).__name__}: {res}"[:300]
-                    else:
-                        (top, dt) = res
-                        measured[names[i]] = dt
-                        if index > 0:
-                            decode.setdefault(names[i], []).append(dt)
-                        tops.append(top)
-                        ok.append(i)
-                dropped.update(step_dropped)
-                if not ok and late:  # the deadline came before any answer: end here, with what was made
-                    finish = "deadline"
-                    break
-                if not ok:
-                    raise AllExpertsFailed("all experts failed: " + "; ".join(
-                        f"{n} ({self._url(n)}): {r}" for n, r in dropped.items()))
-                m = np.zeros(len(names), bool)
-                m[ok] = True
-                w = fusion.subset_weights(g, m)[ok]
-                fused = fusion.fuse(tops, w, remainder=self.remainder, prefix=self.prefix,
-                                    vocab_sizes=[self.experts[i].vocab_size for i in ok],
-                                    names=[names[i] for i in ok])
-                piece = fusion.choose(fused, temperature, rng)
-                energy += sum(costs[names[i]].energy_j for i in ok if names[i] in costs)
-                step = Step(index, piece, [names[i] for i in ok], {names[i]: float(x) for i, x in zip(ok, w)},
-                            {names[i]: sorted(t.items(), key=lambda kv: -kv[1])[:self.top_n]
-                             for i, t in zip(ok, tops)},
-                            fused.top(self.top_n), time.monotonic() - ts,
-                            {names[i]: measured[names[i]] for i in ok}, step_dropped)
-                if piece == fusion.STOP:
-                    steps.append(step)
+        run = _Run(self, prompt, max_tokens, temperature, seed, stop)
+        async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=len(run.names))) as client:
+            while run.finish is None:
+                step = await self._step(run, client)
+                if step is not None:
                     yield step
-                    finish = "stop"
-                    break
-                text += piece
-                hit = [text.index(s) for s in stop if s and s in text]
-                if hit:
-                    cut = min(hit)
-                    step.text = piece[:max(0, len(piece) - (len(text) - cut))]
-                    text = text[:cut]
-                    steps.append(step)
-                    yield step
-                    finish = "stop"
-                    break
-                steps.append(step)
-                yield step
-        have = [n for n in selected if n in costs]
-        source = ("estimated:per-token profile x tokens" + ("" if len(have) == len(selected) else
-                  f" (no estimate for {sorted(set(selected) - set(have))}: counted as 0)"))
-        gen = Generation(prompt, text, steps, finish, time.monotonic() - t0, energy, source, selected, dropped)
         if result is not None:
-            result["generation"] = gen
+            result["generation"] = run.generation()
+
+    def _budgets(self, run: "_Run", step_dropped: dict[str, str]) -> tuple[float, bool] | None:
+        """Before a step: drop the experts that would break the budgets from here on (the measured pace against
+        the time left, the next token's energy against what is left); then the step's wall-clock bound (the
+        timeout, or the time left when the deadline is nearer) and whether the deadline set it. None (with
+        ``run.finish`` set) when no expert can go on."""
+        names, alive, index = run.names, run.alive, len(run.steps)
+        limit, by_deadline = self.timeout, False
+        if self.deadline_s is not None:
+            left = self.deadline_s - (time.monotonic() - run.t0)
+            if left <= 0:
+                return run.end("deadline", {names[i]: "deadline: reached" for i in np.flatnonzero(alive)})
+            remaining = run.max_tokens - index
+            if index > 0:
+                _drop_costliest(alive, names, lambda i: self._pace(names[i], run.decode, run.costs),
+                                lambda est: max(est.values()) * remaining > left,
+                                lambda i, est: f"deadline: {remaining} tokens x {est[i]:.3g} s/token > "
+                                               f"{left:.3g} s left", step_dropped)
+            if left < limit:
+                limit, by_deadline = left, True
+        if self.energy_j is not None and index > 0:
+            def next_energy(i):
+                return run.costs[names[i]].energy_j if names[i] in run.costs else None
+            _drop_costliest(alive, names, next_energy, lambda est: run.energy + sum(est.values()) > self.energy_j,
+                            lambda i, est: f"energy: next token would exceed {self.energy_j:g} J", step_dropped)
+            per = [e for i in np.flatnonzero(alive) if (e := next_energy(i)) is not None]
+            if per and run.energy + sum(per) > self.energy_j:  # the last expert cannot afford a token either
+                step_dropped.update({names[i]: "energy: budget spent" for i in np.flatnonzero(alive)})
+                return run.end("energy", step_dropped)
+        return limit, by_deadline
+
+    async def _step(self, run: "_Run", client: httpx.AsyncClient) -> Step | None:
+        """One token of Alg. 3: the budgets, the kept experts' distributions within the step's time, their fusion
+        (eq. (29)) and the choice. Sets ``run.finish`` when the generation ends (None: ended before a step)."""
+        names, alive, index = run.names, run.alive, len(run.steps)
+        step_dropped: dict[str, str] = {}
+        bound = self._budgets(run, step_dropped)
+        if bound is None:
+            return None
+        limit, by_deadline = bound
+        active = list(np.flatnonzero(alive))
+        ts = time.monotonic()
+        results = await asyncio.gather(*(self._ask(client, self.experts[i], run.prompts[names[i]] + run.text, limit)
+                                         for i in active), return_exceptions=True)
+        tops, ok, late = [], [], False
+        for i, res in zip(active, results):
+            if isinstance(res, BaseException):
+                alive[i] = False
+                if by_deadline and _late(res):
+                    late = True
+                    step_dropped[names[i]] = f"deadline: no answer in the {limit:.3g} s left"
+                elif _late(res):
+                    step_dropped[names[i]] = f"failed: timeout: no answer within {limit:.3g} s"
+                else:
+                    step_dropped[names[i]] = f"failed: {type(res).__name__}: {res}"[:300]
+                continue
+            top, n_prompt, dt = res
+            run.measured[names[i]] = dt
+            if index == 0 and n_prompt is not None:
+                run.prompt_tokens[names[i]] = n_prompt
+            if index > 0:
+                run.decode.setdefault(names[i], []).append(dt)
+            tops.append(top)
+            ok.append(i)
+        if not ok and late:  # the deadline came before any answer: end here, with what was made
+            return run.end("deadline", step_dropped)
+        run.dropped.update(step_dropped)
+        if not ok:
+            raise AllExpertsFailed("all experts failed: " + "; ".join(
+                f"{n} ({self._url(n)}): {r}" for n, r in run.dropped.items()))
+        m = np.zeros(len(names), bool)
+        m[ok] = True
+        w = gating.subset_weights(run.g, m)[ok]
+        fused = fusion.fuse_text(w, tops, remainder=self.remainder, prefix=self.prefix,
+                                 vocab_sizes=[self.experts[i].vocab_size for i in ok], names=[names[i] for i in ok])
+        piece = fusion.choose(fused, run.temperature, run.rng)
+        run.energy += sum(run.costs[names[i]].energy_j for i in ok if names[i] in run.costs)
+        step = Step(index, piece, [names[i] for i in ok], {names[i]: float(x) for i, x in zip(ok, w)},
+                    {names[i]: sorted(t.items(), key=lambda kv: -kv[1])[:self.top_n] for i, t in zip(ok, tops)},
+                    fused.top(self.top_n), time.monotonic() - ts, {names[i]: run.measured[names[i]] for i in ok},
+                    step_dropped)
+        run.steps.append(step)
+        if piece == fusion.STOP:
+            run.finish = "stop"
+            return step
+        run.text += piece
+        hit = [run.text.index(s) for s in run.stop if s and s in run.text]
+        if hit:  # the stop string is cut from the text, and from this step's piece
+            cut = min(hit)
+            step.text = piece[:max(0, len(piece) - (len(run.text) - cut))]
+            run.text = run.text[:cut]
+            run.finish = "stop"
+        elif index + 1 == run.max_tokens:
+            run.finish = "length"
+        return step
 
     def _pace(self, name: str, decode: Mapping[str, list[float]], costs: Mapping[str, ExpertCost]) -> float | None:
         """Seconds per token of an expert: its measured decode steps once there are any (the first step also
-        processed the prompt, so it overstates the pace), else its estimate, else unknown (None)."""
+        processed the prompt, so it overstates the pace), else its estimate, else unknown (None: kept, the
+        step's wall-clock bound still holds the deadline)."""
         times = decode.get(name)
         if times:
             return float(statistics.median(times[-DECODE_WINDOW:]))
         return costs[name].delay_s if name in costs else None
 
-    def _runtime_budgets(self, alive, names, decode, costs, t0, energy, remaining, step_dropped) -> bool:
-        """Drop experts that would break the budgets from here on; False when no expert can continue.
-
-        An expert of unknown pace is kept: the step's wall-clock bound still holds the deadline."""
-        if self.deadline_s is not None:
-            left = self.deadline_s - (time.monotonic() - t0)
-            if left <= 0:
-                for i in np.flatnonzero(alive):
-                    step_dropped[names[i]] = "deadline: reached"
-                return False
-            while alive.sum() > 1:
-                pace = {i: p for i in np.flatnonzero(alive)
-                        if (p := self._pace(names[i], decode, costs)) is not None}
-                if not pace or max(pace.values()) * remaining <= left:
-                    break
-                i = max(pace, key=pace.get)
-                alive[i] = False
-                step_dropped[names[i]] = (f"deadline: {remaining} tokens x {pace[i]:.3g} s/token > "
-                                          f"{left:.3g} s left")
-        if self.energy_j is not None:
-            while True:
-                per = {i: costs[names[i]].energy_j for i in np.flatnonzero(alive) if names[i] in costs}
-                if not per or energy + sum(per.values()) <= self.energy_j:
-                    break
-                if len(per) == 1 or alive.sum() == 1:
-                    step_dropped[names[next(iter(per))]] = "energy: budget spent"
-                    return False
-                i = max(per, key=per.get)
-                alive[i] = False
-                step_dropped[names[i]] = f"energy: next token would exceed {self.energy_j:g} J"
-        return True
-
     def _url(self, name):
         return next((e.url for e in self.experts if e.name == name), "?")
 
     async def _ask(self, client, expert: ExpertClient, text: str, limit: float):
-        """One expert's distribution within ``limit`` seconds of wall-clock time (all its requests together:
-        httpx's timeouts are per read, so a server that trickles bytes would otherwise hold the step)."""
+        """(distribution, prompt tokens, seconds) of one expert within ``limit`` seconds of wall-clock time (all
+        its requests together: httpx's timeouts are per read, so a server that trickles bytes would otherwise
+        hold the step)."""
         ts = time.monotonic()
-        top = await asyncio.wait_for(expert.next_distribution(client, text, self.top_n, limit), limit)
-        return top, time.monotonic() - ts
+        top, n = await asyncio.wait_for(expert.ask(client, text, self.top_n, limit), limit)
+        return top, n, time.monotonic() - ts
 
-    async def agenerate(self, prompt: str, **options) -> Generation:
+    async def agenerate(self, prompt: Prompt, **options) -> Generation:
         out: dict = {}
         async for _ in self.astream(prompt, result=out, **options):
             pass
         return out["generation"]
 
-    def generate(self, prompt: str, **options) -> Generation:
+    def generate(self, prompt: Prompt, **options) -> Generation:
         """Blocking fused generation (its own event loop; in a helper thread when one runs here, e.g. Jupyter)."""
         try:
             asyncio.get_running_loop()
@@ -596,6 +606,55 @@ class Coordinator:
 
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, self.agenerate(prompt, **options)).result()
+
+
+def _drop_costliest(keep: np.ndarray, names: Sequence[str], cost: Callable[[int], float | None],
+                    over: Callable[[dict[int, float]], bool], reason: Callable[[int, dict[int, float]], str],
+                    dropped: dict[str, str]) -> None:
+    """The budget rule: while the kept experts' known costs ``{i: cost(i)}`` are ``over`` the budget, drop the
+    costliest (``keep[i] = False``, ``dropped[name] = reason(i, costs)``). One expert is always kept, and an
+    expert of unknown cost (None) is never dropped by it."""
+    while keep.sum() > 1:
+        est = {i: float(c) for i in np.flatnonzero(keep) if (c := cost(i)) is not None}
+        if not est or not over(est):
+            return
+        i = max(est, key=est.get)
+        keep[i] = False
+        dropped[names[i]] = reason(i, est)
+
+
+class _Run:
+    """One request's state between the steps of :meth:`Coordinator.astream`."""
+
+    def __init__(self, coord: Coordinator, prompt: Prompt, max_tokens: int, temperature: float,
+                 seed: int | None, stop: Sequence[str]):
+        self.t0 = time.monotonic()
+        self.prompt, self.max_tokens, self.temperature, self.stop = prompt, max_tokens, temperature, stop
+        self.names = [e.name for e in coord.experts]
+        rendered = coord.expert_prompts(prompt)
+        self.prompts = {n: p for n, (p, _) in rendered.items()}
+        self.formats = {n: f for n, (_, f) in rendered.items()}
+        self.g, self.alive, self.dropped = coord.plan(prompt, max_tokens)
+        self.selected = [self.names[i] for i in np.flatnonzero(self.alive)]
+        self.costs = coord._costs()
+        self.rng = np.random.default_rng(seed)
+        self.measured: dict[str, float] = {}            # each expert's latest step time (reported)
+        self.decode: dict[str, list[float]] = {}        # each expert's decode-step times (steps >= 1): its pace
+        self.prompt_tokens: dict[str, int] = {}
+        self.text, self.steps, self.finish = "", [], None
+        self.energy = sum(self.costs[n].prompt_energy_j for n in self.selected if n in self.costs)
+
+    def end(self, finish: str, dropped: Mapping[str, str]) -> None:
+        self.finish = finish
+        self.dropped.update(dropped)
+
+    def generation(self) -> Generation:
+        have = [n for n in self.selected if n in self.costs]
+        source = ("estimated:per-token profile x tokens" + ("" if len(have) == len(self.selected) else
+                  f" (no estimate for {sorted(set(self.selected) - set(have))}: counted as 0)"))
+        return Generation(self.prompt, self.text, self.steps, self.finish, time.monotonic() - self.t0, self.energy,
+                          source, self.selected, self.dropped, self.prompt_tokens,
+                          {n: self.formats[n] for n in self.selected})
 
 
 def gate_from_gating(path, embed: Callable[[list[str]], np.ndarray] | None = None) -> Callable[[str], np.ndarray]:
@@ -615,8 +674,10 @@ def gate_from_gating(path, embed: Callable[[list[str]], np.ndarray] | None = Non
     return lambda prompt: np.asarray(net.predict_proba(embed([prompt])))[0]
 
 
-def clients_from_urls(urls: str | Sequence[str], api: str = "openai") -> list[ExpertClient]:
-    """``"URL,URL"`` or ``name=URL,...`` into clients."""
+def clients_from_urls(urls: str | Sequence[str], api: str = "openai",
+                      chat_templates: str | Mapping[str, str] | None = None) -> list[ExpertClient]:
+    """``"URL,URL"`` or ``name=URL,...`` into clients; ``chat_templates``: ``name=MODEL,...`` (a registered model
+    or GGUF path per expert) whose GGUF chat template renders chat messages for that expert."""
     items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
     if not items:
         raise InputError("give at least one expert URL", param="experts")
@@ -626,227 +687,16 @@ def clients_from_urls(urls: str | Sequence[str], api: str = "openai") -> list[Ex
         if not sep or "://" in name:  # a bare URL (which may itself contain "=")
             name, url = None, u
         out.append(ExpertClient(url, name or None, api))
+    if isinstance(chat_templates, str):
+        pairs = [t.strip().partition("=") for t in chat_templates.split(",") if t.strip()]
+        if any(not sep or not n or not m for n, sep, m in pairs):
+            raise InputError("give chat templates as name=MODEL,...", param="chat_templates")
+        chat_templates = {n.strip(): m.strip() for n, _, m in pairs}
+    for name, model in (chat_templates or {}).items():
+        client = next((c for c in out if c.name == name), None)
+        if client is None:
+            raise InputError(f"no expert named {name!r}; experts: {[c.name for c in out]}", param="chat_templates")
+        client.chat_template = chat.ChatTemplate.from_gguf(model)
     return out
 
 
-# --------------------------------------------------------------------------- OpenAI-compatible endpoint
-
-def render_chat(messages) -> str:
-    """Chat messages as one plain transcript ("System:/User:/Assistant:"), since experts' templates differ."""
-    if not isinstance(messages, list) or not messages:
-        raise InputError("messages must be a non-empty list", param="messages")
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise InputError("each message needs role system|user|assistant and string content",
-                             param=f"messages[{i}]")
-        lines.append(f"{m['role'].capitalize()}: {m['content']}")
-    return "\n".join(lines) + "\nAssistant:"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the endpoint; beyond it the answer is a 4xx, never work."""
-
-    max_prompt_chars: int = 4000
-    max_tokens: int = 256
-    max_concurrency: int = 2
-    max_body_bytes: int = 128 * 1024   # the HTTP body (413 beyond); a 4000-char prompt of \uXXXX escapes is 24 KB
-    max_stop: int = 16                 # stop strings per request
-
-    def __post_init__(self):
-        for name in ("max_prompt_chars", "max_tokens", "max_concurrency", "max_body_bytes", "max_stop"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"must be an integer >= 1, got {v!r}", param=name)
-
-
-class BodyTooLarge(InputError):
-    """The HTTP request body is over :attr:`Limits.max_body_bytes` (HTTP 413)."""
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    """A checked completion request: the prompt text, :meth:`Coordinator.astream`'s options, streaming or not."""
-
-    prompt: str
-    options: dict
-    stream: bool
-
-
-def _finite(x) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_request(raw: bytes | str, chat: bool, limits: Limits = Limits()) -> ParsedRequest:
-    """Check a ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions`` body; InputError says what is wrong.
-
-    Any body either gives a request within ``limits`` or an InputError (the endpoint's 400/413): never another
-    exception, so that no input reaches the experts unchecked or ends as a 500.
-    """
-    if len(raw) > limits.max_body_bytes:
-        raise BodyTooLarge(f"the request body has {len(raw)} bytes; the limit is {limits.max_body_bytes}")
-    try:
-        body = json.loads(raw, parse_constant=_no_constant)  # NaN/Infinity are not JSON
-    except (ValueError, RecursionError) as exc:  # also bad UTF-8 and over-long integers
-        raise InputError(f"the request body is not valid JSON ({str(exc)[:100]})") from None
-    if not isinstance(body, dict):
-        raise InputError("the request body must be a JSON object")
-    if chat:
-        prompt = render_chat(body.get("messages"))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise InputError("prompt must be a non-empty string", param="prompt")
-    if len(prompt) > limits.max_prompt_chars:
-        raise InputError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
-                         param="prompt")
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in prompt):  # "\ud800" escapes: no UTF-8 for the experts
-        raise InputError("prompt holds an unpaired surrogate (not valid Unicode text)", param="prompt")
-    n = body.get("max_tokens")
-    n = min(16, limits.max_tokens) if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_tokens:
-        raise InputError(f"max_tokens must be an integer in [1, {limits.max_tokens}]", param="max_tokens")
-    t = body.get("temperature", 0.0)
-    t = 0.0 if t is None else t
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t) or t < 0:
-        raise InputError("temperature must be a finite number >= 0", param="temperature")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop) or len(stop) > limits.max_stop:
-        raise InputError(f"stop must be a string or a list of at most {limits.max_stop} strings", param="stop")
-    seed = body.get("seed", 0)
-    seed = 0 if seed is None else seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
-        raise InputError("seed must be an integer in [0, 2^63)", param="seed")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise InputError("stream must be true or false", param="stream")
-    return ParsedRequest(prompt, dict(max_tokens=n, temperature=float(t), seed=seed, stop=stop), bool(stream))
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused (BodyTooLarge) as soon as its declared or received size passes ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not (declared.isascii() and declared.strip().isdigit()):
-            raise InputError(f"bad Content-Length {declared[:40]!r}")
-        if int(declared) > max_bytes:
-            raise BodyTooLarge(f"the request body has {int(declared)} bytes; the limit is {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:  # chunked bodies declare no length: stop reading at the limit
-            raise BodyTooLarge(f"the request body has more than {max_bytes} bytes; the limit is {max_bytes}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def make_app(coordinator: Coordinator, limits: Limits = Limits(), model_name: str = "moe2"):
-    """FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (``stream`` optional).
-
-    Bad requests get 400 (413 for a body over ``limits.max_body_bytes``), more than ``limits.max_concurrency``
-    at once 429, all experts down 503. Serve it on 127.0.0.1 (``python -m moe2lib serve`` does by default):
-    it has no authentication.
-    """
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.background import BackgroundTask
-
-    app = FastAPI(title="MoE2 coordinator", version="1")
-    busy = {"n": 0}
-
-    def error(status, msg):
-        return JSONResponse({"error": {"message": msg, "type": "invalid_request_error" if status < 500
-                                       else "server_error"}}, status_code=status,
-                            headers={"Retry-After": "1"} if status in (429, 503) else None)
-
-    async def handle(request: Request, chat: bool):
-        try:
-            req = parse_request(await read_body(request, limits.max_body_bytes), chat, limits)
-        except BodyTooLarge as exc:
-            return error(413, str(exc))
-        except InputError as exc:
-            return error(400, str(exc))
-        prompt, opts = req.prompt, req.options
-        if busy["n"] >= limits.max_concurrency:
-            return error(429, f"busy: {limits.max_concurrency} requests in flight")
-        cid, created = f"{'chatcmpl' if chat else 'cmpl'}-{time.time_ns():x}", int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-
-        def choice(text, finish, delta=False):
-            if chat:
-                msg = {"role": "assistant", "content": text}
-                return {"index": 0, ("delta" if delta else "message"): msg, "finish_reason": finish}
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
-        def info(gen: Generation):
-            return {"delay_s": gen.delay_s, "energy_j": gen.energy_j, "energy_source": gen.energy_source,
-                    "selected": gen.selected, "dropped": gen.dropped,
-                    "steps": [{"text": s.text, "experts": s.experts, "weights": s.weights} for s in gen.steps]}
-
-        busy["n"] += 1  # counted now, so concurrent streaming requests see each other
-        if req.stream:
-            started = []
-
-            def release_if_unstarted():  # a stream that never ran never reaches its finally
-                if not started:
-                    busy["n"] -= 1
-
-            async def events():
-                started.append(True)
-                out: dict = {}
-                try:
-                    async for s in coordinator.astream(prompt, result=out, **opts):
-                        chunk = {"id": cid, "object": kind + (".chunk" if chat else ""), "created": created,
-                                 "model": model_name, "choices": [choice(s.text, None, True)],
-                                 "moe2": {"experts": s.experts, "weights": s.weights}}
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                    gen = out["generation"]
-                    last = {"id": cid, "object": kind + (".chunk" if chat else ""), "created": created,
-                            "model": model_name, "choices": [choice("", gen.finish_reason, True)], "moe2": info(gen)}
-                    yield f"data: {json.dumps(last)}\n\n"
-                except Exception as exc:  # noqa: BLE001 - the stream must end with an error event, not a cut
-                    yield f"data: {json.dumps({'error': {'message': f'{type(exc).__name__}: {exc}'}})}\n\n"
-                finally:
-                    busy["n"] -= 1
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream",
-                                     background=BackgroundTask(release_if_unstarted))
-
-        try:
-            gen = await coordinator.agenerate(prompt, **opts)
-        except AllExpertsFailed as exc:
-            return error(503, str(exc))
-        except InputError as exc:
-            return error(400, str(exc))
-        finally:
-            busy["n"] -= 1
-        return {"id": cid, "object": kind, "created": created, "model": model_name,
-                "choices": [choice(gen.text, gen.finish_reason)],
-                "usage": {"completion_tokens": len(gen.steps)}, "moe2": info(gen)}
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "moe2",
-                                            "experts": [e.name for e in coordinator.experts]}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await handle(request, chat=True)
-
-    return app

@@ -165,14 +165,3 @@ def steps_figure(steps: Sequence[dict]):
     fig.suptitle("Fused next-token distribution (29) over the experts' top-n strings")
     fig.tight_layout()
     return fig
-
-
-# The former spellings, kept only for moe2lib.coordinator (refactored separately); new code calls
-# gating.subset_weights, gating.topk_mask and fuse_text.
-subset_weights = gating.subset_weights
-top_k_mask = gating.topk_mask
-
-
-def fuse(tops, weights, **kwargs) -> Fused:
-    """:func:`fuse_text` with the former argument order (distributions first), for moe2lib.coordinator."""
-    return fuse_text(weights, tops, **kwargs)

@@ -156,11 +156,15 @@ class ExpertServer:
         _LIVE.discard(self)
 
     def client(self, api: str = "openai"):
-        """An :class:`~moe2lib.coordinator.ExpertClient` for this server, told its vocabulary and end tokens."""
+        """An :class:`~moe2lib.coordinator.ExpertClient` for this server, told its vocabulary, end tokens and chat
+        template (from the GGUF)."""
+        from .chat import ChatTemplate
         from .coordinator import ExpertClient
 
-        n_vocab, end_ids = vocab_info(str(self.spec.model_path()))
-        return ExpertClient(self.url, self.spec.name, api, vocab_size=n_vocab, end_ids=end_ids)
+        path = str(self.spec.model_path())
+        n_vocab, end_ids = vocab_info(path)
+        return ExpertClient(self.url, self.spec.name, api, vocab_size=n_vocab, end_ids=end_ids,
+                            chat_template=ChatTemplate.from_gguf(path))
 
     def __repr__(self):
         return f"ExpertServer({self.spec.name!r}, {self.url}, alive={self.alive()})"

@@ -15,3 +15,24 @@ def smoke_run(tmp_path_factory):
     logs = []
     outcome = pipeline.reproduce("smoke", out=root, log=logs.append)
     return root, outcome, logs
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Three llama-cpp-python expert servers on loopback (n_threads=1 each): SmolLM2, a second SmolLM2 with other
+    logits (the same weights re-encoded as Q8_0: no dependence on a run's adapters) and Gemma (another
+    tokenizer); every process is checked to be gone at the end."""
+    import socket
+
+    from moe2lib import models, servers
+
+    specs = [servers.ServerSpec("smol", "smollm2-135m-instruct"),
+             servers.ServerSpec("smol-b", str(models.requantized("smollm2-135m-instruct", "Q8_0"))),
+             servers.ServerSpec("gemma", "gemma3-270m")]
+    p = servers.ServerPool(specs).start()
+    yield p
+    p.stop()
+    assert not any(s.alive() for s in p.servers)
+    for s in p.servers:  # the ports are free again: nothing leaked
+        with socket.socket() as sock:
+            assert sock.connect_ex((s.host, s.port)) != 0

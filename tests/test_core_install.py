@@ -1,6 +1,7 @@
-"""The core (gating loss, fusion, SMO, the cost model, evaluation) runs with only pyproject.toml's core
-dependencies: every heavy package (torch, llama.cpp, scikit-learn, matplotlib, servers...) is blocked in a
-fresh interpreter, which then computes known answers. Undeclared core imports fail here, not for a user."""
+"""The core (gating loss, fusion, SMO, the cost model, evaluation, the coordinator's planning) runs with only
+pyproject.toml's core dependencies: every heavy package (torch, llama.cpp, scikit-learn, matplotlib,
+servers...) is blocked in a fresh interpreter, which then computes known answers. Undeclared core imports fail
+here, not for a user."""
 
 import subprocess
 import sys
@@ -20,7 +21,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked (not a core dependency): {name}")
 sys.meta_path.insert(0, Block())
 import numpy as np
-from moe2lib import costmodel, devices, evaluation, fusion, gating, smo
+from moe2lib import coordinator, costmodel, devices, evaluation, fusion, gating, smo
 
 rng = np.random.default_rng(0)
 K, N = 6, 40
@@ -41,6 +42,10 @@ cost = costmodel.ModelCost("m", params=1e8, weight_bytes=2e8, n_layer=12, attn_w
 model = costmodel.RooflineModel.from_device(cost, devices.get("rtx4090"))
 assert model.prefill(64) > 0 and model.decode(64) > 0
 assert evaluation.majority_vote(np.eye(4)[[[2, 2, 1]]]).tolist() == [2]
+clients = [coordinator.ExpertClient(f"http://127.0.0.1:{p}", n) for n, p in [("a", 1), ("b", 2)]]
+coord = coordinator.Coordinator(clients, costs={"a": coordinator.ExpertCost(0.1), "b": coordinator.ExpertCost(1.0)},
+                                deadline_s=5)
+assert coord.plan([{"role": "user", "content": "Hi"}], 8)[1].tolist() == [True, False]  # no server framework needed
 print("core ok", round(float(full), 6), np.flatnonzero(got.mask).tolist())
 '''
 

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from moe2lib import data, fusion, gating, smo
-from moe2lib.coordinator import (APIS, Coordinator, ExpertClient, ExpertFailed, Limits, ParsedRequest,
-                                 make_app, parse_request)
+from moe2lib.coordinator import APIS, Coordinator, ExpertClient, ExpertFailed
+from moe2lib.endpoint import Limits, ParsedRequest, make_app, parse_request
 from moe2lib.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,7 +289,8 @@ request_obj = st.fixed_dictionaries({}, optional={
     "prompt": st.one_of(st.text(max_size=60), st.lists(st.text(max_size=10), max_size=2), field_value),
     "messages": st.one_of(st.lists(message, max_size=3), field_value),
     "max_tokens": field_value, "temperature": field_value, "stop": field_value, "seed": field_value,
-    "stream": field_value, "model": field_value})
+    "stream": field_value, "model": field_value,
+    "stream_options": st.one_of(field_value, st.fixed_dictionaries({}, optional={"include_usage": field_value}))})
 body = st.one_of(request_obj.map(json.dumps), json_value.map(json.dumps), st.text(max_size=40),
                  st.sampled_from(['{"prompt": "hi", "temperature": NaN}', '{"prompt": "hi", "max_tokens": 1e400}',
                                   '{"prompt": "\\ud800"}', '{"prompt": "hi", "temperature": ' + "9" * 400 + "}",
@@ -298,14 +299,22 @@ raw_body = st.one_of(body.map(lambda s: s.encode("utf-8", "surrogatepass")), st.
 
 
 def _check_parsed(req: ParsedRequest, limits: Limits):
-    assert isinstance(req.prompt, str) and 0 < len(req.prompt) <= limits.max_prompt_chars
-    req.prompt.encode("utf-8")  # the experts can be sent it
+    if isinstance(req.prompt, str):
+        text = req.prompt
+        assert text
+    else:  # chat messages
+        assert req.prompt and all(set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+                                  and isinstance(m["content"], str) for m in req.prompt)
+        text = "".join(m["content"] for m in req.prompt)
+    assert len(text) <= limits.max_prompt_chars
+    text.encode("utf-8")  # the experts can be sent it
     o = req.options
     assert type(o["max_tokens"]) is int and 1 <= o["max_tokens"] <= limits.max_tokens
     assert type(o["temperature"]) is float and math.isfinite(o["temperature"]) and o["temperature"] >= 0
     assert isinstance(o["stop"], list) and len(o["stop"]) <= limits.max_stop and all(isinstance(s, str)
                                                                                       for s in o["stop"])
     assert type(o["seed"]) is int and 0 <= o["seed"] < 2**63 and type(req.stream) is bool
+    assert type(req.include_usage) is bool and (req.stream or not req.include_usage)
 
 
 @settings(max_examples=400, **FAST)
@@ -323,15 +332,20 @@ def test_request_parser_known_cases():
     ok = parse_request(b'{"prompt": ["Hi"], "max_tokens": 8, "stop": "x", "temperature": 1}', False, LIMITS)
     assert ok == ParsedRequest("Hi", dict(max_tokens=8, temperature=1.0, seed=0, stop=["x"]), False)
     chat = parse_request(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "stream": True}), True, LIMITS)
-    assert chat.prompt == "User: Hi\nAssistant:" and chat.stream
+    assert chat.prompt == [{"role": "user", "content": "Hi"}] and chat.stream and not chat.include_usage
     assert chat.options["max_tokens"] == 8  # the default (16) within a lower limit
+    usage = parse_request(json.dumps({"prompt": "Hi", "stream": True, "stream_options": {"include_usage": True}}),
+                          False, LIMITS)
+    assert usage.include_usage and not parse_request(b'{"prompt": "Hi", "stream_options": {"include_usage": true}}',
+                                                     False, LIMITS).include_usage  # (only a stream has the chunk)
     for raw, param in [('{"prompt": "hi", "max_tokens": true}', "max_tokens"),
                        ('{"prompt": "hi", "max_tokens": 9}', "max_tokens"),
                        ('{"prompt": "hi", "temperature": 1e999}', None),   # json: inf; not a finite number
                        ('{"prompt": "hi", "temperature": -0.5}', "temperature"),
                        ('{"prompt": "hi", "stop": ["a", "b", "c", "d"]}', "stop"),
                        ('{"prompt": "hi", "stream": "yes"}', "stream"),
-                       ('{"prompt": ""}', "prompt"), ('{"prompt": "' + "x" * 51 + '"}', "prompt")]:
+                       ('{"prompt": ""}', "prompt"), ('{"prompt": "' + "x" * 51 + '"}', "prompt"),
+                       ('{"prompt": "hi", "stream_options": {"include_usage": 1}}', "stream_options")]:
         with pytest.raises(InputError) as info:
             parse_request(raw, False, LIMITS)
         if param:
