@@ -194,8 +194,7 @@ def test_notebook_runs_all_cells_in_jupyterlab(lab, tmp_path):
             time.sleep(0.5)
 
         widget = drv.find_element(By.CSS_SELECTOR, ".jp-Notebook .widget-hprogress")
-        drv.execute_script("arguments[0].scrollIntoView({block: 'start'}); "
-                           "(arguments[0].closest('.jp-WindowedPanel-outer') || window).scrollBy(0, -110);", widget)
+        drv.execute_script("arguments[0].closest('.jp-CodeCell').scrollIntoView({block: 'start'});", widget)
         time.sleep(1)
         png = _small_png(drv.get_screenshot_as_png())
     finally:
