@@ -26,6 +26,7 @@ from moe2lib import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "01_base_models.ipynb"   # scores real questions with both packaged models; two figures, two bars
+SOURCE = ROOT / "notebooks" / NOTEBOOK
 WINDOW = (1280, 1150)   # the screenshot: the scoring cell's bar and the figure below it
 
 
@@ -56,6 +57,7 @@ def _free_port() -> int:
 def lab(tmp_path):
     """`bash run.sh lab` serving tmp_path/notebooks on 127.0.0.1 with a token; (base URL, token, folder, log).
 
+    run.sh first brings this interpreter's environment up to date (scripts/setup.sh; a no-op under run.sh test).
     JupyterLab's settings, workspaces and runtime files go to tmp_path (news notifications off, so no toast
     covers the notebook). As root (CI) it needs --allow-root, as it would for a user in a container.
     """
@@ -130,6 +132,12 @@ def _small_png(png: bytes) -> bytes:
     return out.getvalue()
 
 
+def _count(prompt: str) -> int | None:
+    """The execution count an input prompt shows ("[3]:" -> 3), None before a run or while queued."""
+    inner = prompt.strip().removesuffix(":").strip("[]")
+    return int(inner) if inner.isdigit() else None
+
+
 OUTPUTS_JS = """
 const out = sel => [...document.querySelectorAll('.jp-Notebook .jp-OutputArea-output' + sel)];
 return {
@@ -157,7 +165,7 @@ def test_notebook_runs_all_cells_in_jupyterlab(lab, tmp_path):
     # the notebook with the smoke profile's values in papermill's injected cell, as reproduce runs it
     cfg, cfg_path = pipeline.load_config("smoke")
     params = pipeline.stage_params(cfg, cfg_path, pipeline.STAGES["base_models"], "smoke", tmp_path / "run")
-    papermill.execute_notebook(str(ROOT / "notebooks" / NOTEBOOK), str(notebooks / NOTEBOOK), parameters=params,
+    papermill.execute_notebook(str(SOURCE), str(notebooks / NOTEBOOK), parameters=params,
                                prepare_only=True, log_output=False, progress_bar=False)
     code_cells = sum(c["cell_type"] == "code" for c in json.loads((notebooks / NOTEBOOK).read_text())["cells"])
 
@@ -172,30 +180,29 @@ def test_notebook_runs_all_cells_in_jupyterlab(lab, tmp_path):
             By.CSS_SELECTOR, '.lm-Menu-item[data-command="runmenu:run-all"]')).click()
         t0 = time.monotonic()
 
-        def finished(d):
+        def settled(d):   # Run All marks every queued cell [*]; an error empties the rest again
             prompts = d.execute_script(OUTPUTS_JS)["prompts"]
-            return "| Idle" in status(d) and len(prompts) == code_cells and \
-                all(p.strip("[]: ").isdigit() for p in prompts)
+            return "| Idle" in status(d) and prompts and _count(prompts[0]) and not any("*" in p for p in prompts)
         try:
-            WebDriverWait(drv, 900, 1).until(finished)
+            WebDriverWait(drv, 900, 1).until(settled)
         except Exception:
             drv.save_screenshot(str(tmp_path / "stuck.png"))
-            raise AssertionError(f"cells did not all run: {drv.execute_script(OUTPUTS_JS)['prompts']}; "
+            raise AssertionError(f"cells still running after 900 s: {drv.execute_script(OUTPUTS_JS)['prompts']}; "
                                  f"screenshot {tmp_path / 'stuck.png'}; server log:\n{log.read_text()[-3000:]}")
         ran_s = time.monotonic() - t0
         dom = drv.execute_script(OUTPUTS_JS)
 
         drv.find_element(By.CSS_SELECTOR, '.jp-NotebookPanel-toolbar [data-command="docmanager:save"]').click()
-        saved = None
-        for _ in range(60):   # saving is asynchronous
+        for _ in range(60):   # saving is asynchronous: wait for the file to hold what the page shows
             saved = httpx.get(f"{base}/api/contents/{NOTEBOOK}", params={"token": token}).json()["content"]
-            if all(c.get("execution_count") for c in saved["cells"] if c["cell_type"] == "code"):
+            if [c["execution_count"] for c in saved["cells"] if c["cell_type"] == "code"] == \
+                    [_count(p) for p in dom["prompts"]]:
                 break
             time.sleep(0.5)
 
-        widget = drv.find_element(By.CSS_SELECTOR, ".jp-Notebook .widget-hprogress")
-        drv.execute_script("arguments[0].closest('.jp-CodeCell').scrollIntoView({block: 'start'});", widget)
-        time.sleep(1)
+        for widget in drv.find_elements(By.CSS_SELECTOR, ".jp-Notebook .widget-hprogress")[:1]:
+            drv.execute_script("arguments[0].closest('.jp-CodeCell').scrollIntoView({block: 'start'});", widget)
+            time.sleep(1)
         png = _small_png(drv.get_screenshot_as_png())
     finally:
         drv.quit()
@@ -207,6 +214,7 @@ def test_notebook_runs_all_cells_in_jupyterlab(lab, tmp_path):
     outputs = [o for c in saved["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
     errors = [f"{o['ename']}: {o['evalue']}" for o in outputs if o["output_type"] == "error"]
     assert not errors and not any("Traceback" in t for t in dom["text"]), errors
+    assert len(dom["prompts"]) == code_cells and all(map(_count, dom["prompts"])), dom["prompts"]
     assert not any("IProgress not found" in t for t in dom["text"])   # tqdm's warning without ipywidgets
     # the figures: both of the notebook's, decoded by the browser
     pngs = sum("image/png" in o.get("data", {}) for o in outputs)
