@@ -3,7 +3,7 @@
 #
 #   bash run.sh reproduce [--profile default|smoke|paper] [--force] [--stages a,b]   the pipeline
 #   bash run.sh test [pytest args]                                               unit tests + smoke pipeline
-#   bash run.sh lab                                                              JupyterLab on notebooks/
+#   bash run.sh lab [jupyterlab args]                                            JupyterLab on notebooks/
 #   bash run.sh setup                                                            only install
 #   bash run.sh moe2 ARGS...                                                     python -m moe2lib ARGS
 set -euo pipefail
@@ -16,7 +16,9 @@ case "$cmd" in
   setup) ;;
   reproduce) exec "$PY" -m moe2lib reproduce "$@" ;;
   test) exec "$PY" -m pytest "$@" ;;
-  lab) exec "$PY" -m jupyterlab --notebook-dir="$ROOT/notebooks" "$@" ;;
+  lab) dir=(--notebook-dir="$ROOT/notebooks")   # a folder given on the command line wins
+       for a in "$@"; do case "$a" in --notebook-dir*|--ServerApp.root_dir*) dir=() ;; esac; done
+       exec "$PY" -m jupyterlab ${dir[@]+"${dir[@]}"} "$@" ;;
   moe2) exec "$PY" -m moe2lib "$@" ;;
   *) sed -n '2,9p' "$0"; [ "$cmd" = help ] || exit 2 ;;
 esac
