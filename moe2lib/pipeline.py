@@ -22,6 +22,7 @@ REPO = artifacts.REPO_ROOT
 NOTEBOOKS = REPO / "notebooks"
 CONFIGS = REPO / "configs"
 PROFILES = ("smoke", "default", "paper")
+PATH_PARAMS = ("artifacts_dir", "figures_dir")  # where a run writes; not part of what it computes
 SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int, "n_questions": int, "benchmark": dict}
 
 
@@ -42,7 +43,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "LoRA-fine-tune one expert per cluster (Table V), export GGUF adapters, write experts.json (Table I)"),
     Stage("scoring", "04_scoring.ipynb", ("base_models", "clustering", "experts"),
           "score every expert on the MMLU sample; per-cluster accuracy against its base model"),
-    Stage("profiles", "05_profiling.ipynb", ("experts",),
+    Stage("profiles", "05_profiles.ipynb", ("experts",),
           "delay and energy vs prompt length (Fig. 5), the delay model (4)-(6), profiles.json"),
     Stage("gating", "06_gating.ipynb", ("base_models", "scoring"),
           "gating network (eq. 1), Fig. 3 baselines with bootstrap intervals, Theorem 1-2 checks"),
@@ -291,7 +292,7 @@ def stage_key(stage: Stage, params: Mapping, root: Path) -> str:
     for name in stage.reads:
         meta = artifacts.read_meta(root / "artifacts" / name)
         upstream[name] = None if meta is None else meta.get("pipeline", {}).get("key")
-    portable = {k: v for k, v in params.items() if k not in ("artifacts_dir", "figures_dir")}
+    portable = {k: v for k, v in params.items() if k not in PATH_PARAMS}
     return artifacts.digest({"params": portable, "notebook": artifacts.file_sha256(NOTEBOOKS / stage.notebook),
                              "library": library_digest(), "upstream": upstream})
 
@@ -344,22 +345,27 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
     return outcome
 
 
-def save_figure(fig, target) -> Path:
-    """A matplotlib figure written atomically, as every stage writes its figures (format from the suffix)."""
-    target = Path(target)
-    with artifacts.atomic_path(target) as tmp:
-        fig.savefig(tmp, format=target.suffix.lstrip("."), dpi=130, bbox_inches="tight")
-    return target
-
-
 class StageRun:
-    """Bookkeeping of one stage inside its notebook: output paths, timing, and meta.json at the end."""
+    """Bookkeeping of one stage inside its notebook: output paths, figures, timing, and meta.json at the end.
 
-    def __init__(self, name: str, artifacts_dir, figures_dir, params: Mapping[str, Any]):
+    ``namespace`` is the notebook's ``globals()``: the parameters recorded are the names of the stage
+    notebook's parameters cell, read from the notebook file, with their values in the namespace (those
+    papermill injected, else the defaults), so the record cannot miss or misspell one.
+    """
+
+    def __init__(self, name: str, namespace: Mapping[str, Any]):
+        if name not in STAGES:
+            raise InputError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}", param="name")
+        names = notebook_parameters(STAGES[name])
+        missing = [k for k in names if k not in namespace]
+        if missing:
+            raise InputError(f"the namespace lacks the parameters {missing}; pass the notebook's globals()",
+                             path=NOTEBOOKS / STAGES[name].notebook, param=missing[0])
         self.name = name
-        self.dir = Path(artifacts_dir) / name
-        self.figures = Path(figures_dir)
-        self.params = dict(params)
+        self.params = {k: namespace[k] for k in names if k not in PATH_PARAMS}
+        self.artifacts = Path(namespace["artifacts_dir"])
+        self.dir = self.artifacts / name
+        self.figures = Path(namespace["figures_dir"])
         self.t0 = time.time()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(parents=True, exist_ok=True)
@@ -368,9 +374,12 @@ class StageRun:
     def path(self, filename: str) -> Path:
         return self.dir / filename
 
-    def figure(self, fig, filename: str) -> Path:
-        """Save a matplotlib figure atomically into the figures folder."""
-        return save_figure(fig, self.figures / filename)
+    def figure(self, draw, *args):
+        """Draw a figure of :mod:`moe2lib.figures` from the artifacts written so far and save it into the
+        figures folder, as ``python -m moe2lib figures`` does; returns the figure, open for display."""
+        from . import figures
+
+        return figures.save(draw, self.artifacts, self.figures, *args)
 
     def finish(self, inputs=(), **extra) -> dict:
         return artifacts.write_meta(self.dir, params=self.params, inputs=inputs,
