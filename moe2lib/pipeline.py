@@ -1,8 +1,9 @@
 """The papermill pipeline: one notebook per stage, parameters from ``configs/<profile>.yaml``.
 
 A stage folder ``artifacts/<stage>/`` is complete when its ``meta.json`` exists; the pipeline
-adds to it a key over the stage's parameters, its notebook, the library source and the meta of
-the stages it reads. A stage whose key is unchanged is skipped; ``force`` reruns it.
+adds to it a key over the stage's parameters, its notebook, the library modules and data files the
+stage recorded using (``uses``, written by ``StageRun.finish``) and the keys of the stages it reads.
+A stage whose key is unchanged is skipped; ``force`` reruns it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,18 +285,61 @@ def stage_params(cfg: Mapping, cfg_path: Path, stage: Stage, profile: str, root:
     return {k: v for k, v in params.items() if k in defaults}
 
 
-def library_digest() -> str:
-    return artifacts.digest({p.name: artifacts.file_sha256(p) for p in sorted((REPO / "moe2lib").glob("*.py"))})
+def recorded_uses() -> dict[str, dict[str, str]]:
+    """What this process has used so far, with each file's sha256: ``library``, the moe2lib modules it or
+    a worker it started (:func:`moe2lib.parallel.worker_modules`) imported; ``data``, the data files it
+    read (:func:`moe2lib.data.files_read`). Paths are relative to the repository where inside it.
+
+    Recorded by ``StageRun.finish`` into meta.json, it is what a stage's key covers besides its parameters,
+    notebook and upstream stages: a module the stage never imported cannot make it rerun.
+    """
+    import importlib.util
+
+    names = {m for m in sys.modules if m.split(".")[0] == "moe2lib"}
+    if "moe2lib.parallel" in sys.modules:
+        names |= sys.modules["moe2lib.parallel"].worker_modules()
+    files = set()
+    for name in names:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None) or getattr(importlib.util.find_spec(name), "origin", None)
+        if origin:
+            files.add(Path(origin))
+    data = sys.modules.get("moe2lib.data")
+    return {"library": artifacts.input_hashes(sorted(files)),
+            "data": artifacts.input_hashes(data.files_read() if data else [])}
 
 
-def stage_key(stage: Stage, params: Mapping, root: Path) -> str:
+def uses_now(meta: Mapping) -> dict[str, dict[str, str | None]] | None:
+    """The modules and data files a finished stage recorded (meta.json's ``uses``), hashed as they are now
+    (None for a file that is gone); None when the stage recorded none (written before they were recorded)."""
+    uses = meta.get("uses")
+    if not isinstance(uses, Mapping) or not {"library", "data"} <= set(uses):
+        return None
+
+    def sha(path: str) -> str | None:
+        p = Path(path) if Path(path).is_absolute() else REPO / path
+        return artifacts.file_sha256(p) if p.is_file() else None
+
+    return {kind: {path: sha(path) for path in uses[kind]} for kind in ("library", "data")}
+
+
+def key_parts(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> dict:
+    """What a stage's key is the digest of: its parameters (the notebook's defaults with ``params`` over
+    them, without the output folders: what ``StageRun`` records), its notebook's sha256, the library modules
+    and data files it used with their sha256 (``uses``), and the keys of the stages it reads. meta.json
+    holds every part (``params``, ``uses``, ``pipeline.notebook_sha256``, ``pipeline.upstream``)."""
     upstream = {}
     for name in stage.reads:
         meta = artifacts.read_meta(root / "artifacts" / name)
         upstream[name] = None if meta is None else meta.get("pipeline", {}).get("key")
-    portable = {k: v for k, v in params.items() if k not in PATH_PARAMS}
-    return artifacts.digest({"params": portable, "notebook": artifacts.file_sha256(NOTEBOOKS / stage.notebook),
-                             "library": library_digest(), "upstream": upstream})
+    values = {**notebook_parameters(stage), **params}
+    return {"params": {k: v for k, v in values.items() if k not in PATH_PARAMS},
+            "notebook": artifacts.file_sha256(NOTEBOOKS / stage.notebook),
+            "library": dict(uses["library"]), "data": dict(uses["data"]), "upstream": upstream}
+
+
+def stage_key(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> str:
+    return artifacts.digest(key_parts(stage, params, root, uses))
 
 
 def reproduce(profile: str = "default", *, stages=None, force: bool = False, out: Path | None = None,
@@ -313,11 +358,12 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
     for sname in chosen:
         stage = STAGES[sname]
         params = stage_params(cfg, cfg_path, stage, name, root)
-        key = stage_key(stage, params, root)
         stage_dir = root / "artifacts" / sname
         meta = artifacts.read_meta(stage_dir)
-        if not force and meta and meta.get("pipeline", {}).get("key") == key:
-            log(f"[{sname}] up to date (inputs and parameters unchanged): skipped")
+        uses = uses_now(meta) if meta else None
+        key = None if uses is None else stage_key(stage, params, root, uses)
+        if not force and key is not None and meta.get("pipeline", {}).get("key") == key:
+            log(f"[{sname}] up to date (parameters, notebook, library modules, data and upstream unchanged): skipped")
             outcome[sname] = "skipped"
             continue
         (stage_dir / artifacts.META_NAME).unlink(missing_ok=True)
@@ -336,9 +382,13 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
         meta = artifacts.read_meta(stage_dir)
         if meta is None:
             raise RuntimeError(f"{stage.notebook} finished without writing {stage_dir / artifacts.META_NAME}")
-        meta["pipeline"] = {"key": key, "profile": name, "config": str(cfg_path.relative_to(REPO))
-                            if cfg_path.is_relative_to(REPO) else str(cfg_path),
-                            "notebook": stage.notebook, "wall_time_s": round(wall, 1)}
+        if uses_now(meta) is None:
+            raise RuntimeError(f"{stage.notebook} finished without recording what it used (StageRun.finish does)")
+        parts = key_parts(stage, params, root, meta["uses"])  # the hashes as the stage saw them
+        meta["pipeline"] = {"key": artifacts.digest(parts), "profile": name,
+                            "config": str(cfg_path.relative_to(REPO)) if cfg_path.is_relative_to(REPO) else str(cfg_path),
+                            "notebook": stage.notebook, "notebook_sha256": parts["notebook"],
+                            "upstream": parts["upstream"], "wall_time_s": round(wall, 1)}
         artifacts.write_json(stage_dir / artifacts.META_NAME, meta)
         log(f"[{sname}] done in {wall:.0f} s")
         outcome[sname] = "ran"
@@ -382,5 +432,7 @@ class StageRun:
         return figures.save(draw, self.artifacts, self.figures, *args)
 
     def finish(self, inputs=(), **extra) -> dict:
+        """Write meta.json, marking the stage complete; it records, besides ``inputs`` and ``extra``, the
+        library modules and data files the stage used (:func:`recorded_uses`), which its key covers."""
         return artifacts.write_meta(self.dir, params=self.params, inputs=inputs,
-                                    wall_time_s=time.time() - self.t0, **extra)
+                                    wall_time_s=time.time() - self.t0, uses=recorded_uses(), **extra)
