@@ -152,9 +152,9 @@ artifacts_dir = "../artifacts"    # where the stage writes
 figures_dir = "../figures"        # unused
 '''
 PROBE_CODE = '''\
-from moe2lib import data, pipeline, smo
-pipeline.STAGES["probe"] = pipeline.Stage("probe", "probe.ipynb")
-run = pipeline.StageRun("probe", globals())
+from moe2lib import data, smo, stages
+stages.STAGES["probe"] = stages.Stage("probe", "probe.ipynb")
+run = stages.StageRun("probe", globals())
 print(len(data.load_jsonl(data_file)), smo.__name__)
 run.finish()
 '''
@@ -192,7 +192,8 @@ print(json.dumps(outcomes))
 @pytest.mark.slow
 def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
     """A copy of the library runs a one-cell stage that imports smo and reads a data file: editing
-    coordinator.py (never imported) leaves it up to date; editing smo.py or the data file reruns it."""
+    coordinator.py (never imported) leaves it up to date; editing smo.py or the data file reruns it.
+    The stage does not import pipeline.py (only stages.py), so editing how stages are run reruns none."""
     import shutil
 
     import nbformat
@@ -216,8 +217,8 @@ def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
     meta = artifacts.read_meta(repo / "run" / "artifacts" / "probe")
     assert meta["params"] == {"seed": 0, "data_file": str(questions)}
     library = meta["uses"]["library"]
-    assert {"moe2lib/smo.py", "moe2lib/data.py", "moe2lib/pipeline.py"} <= set(library)
-    assert "moe2lib/coordinator.py" not in library and "moe2lib/fusion.py" not in library
+    assert {"moe2lib/smo.py", "moe2lib/data.py", "moe2lib/stages.py"} <= set(library)
+    assert not {"moe2lib/coordinator.py", "moe2lib/fusion.py", "moe2lib/pipeline.py"} & set(library)
     assert library["moe2lib/smo.py"] == artifacts.file_sha256(repo / "moe2lib" / "smo.py")
     assert meta["uses"]["data"] == {"questions.jsonl": artifacts.file_sha256(questions)}  # inside that repo
     parts = {"params": meta["params"], "notebook": meta["pipeline"]["notebook_sha256"], **meta["uses"],
@@ -227,10 +228,10 @@ def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
 
 def test_workers_report_the_modules_they_imported(tmp_path):
     """A module imported only inside a worker process is in the stage's record of the library it used."""
-    code = ("import sys; from moe2lib import parallel, pipeline; "
+    code = ("import sys; from moe2lib import parallel, stages; "
             "parallel.run(exec, [('import moe2lib.energy',), ('pass',)], workers=2); "
             "print('moe2lib.energy' in sys.modules, 'moe2lib.energy' in parallel.worker_modules(), "
-            "'moe2lib/energy.py' in pipeline.recorded_uses()['library'])")
+            "'moe2lib/energy.py' in stages.recorded_uses()['library'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(artifacts.REPO_ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
