@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from . import artifacts, figures
 from .errors import InputError
-from .pipeline import STAGES
+from .stages import STAGES
 
 
 class Writer:
