@@ -76,8 +76,25 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+_READ: set[Path] = set()
+
+
+def note_read(path) -> Path:
+    """Record a data file as read by this process: a stage's meta.json lists the files it read with their
+    sha256, and the pipeline reruns the stage when one of them changes."""
+    path = Path(path).resolve()
+    _READ.add(path)
+    return path
+
+
+def files_read() -> list[Path]:
+    """The data files this process has read so far (:func:`note_read`), sorted."""
+    return sorted(_READ)
+
+
 def _mmlu_rows(path: Path):
     """(start line, row) for each CSV row; csv and decoding errors become InputError."""
+    note_read(path)
     line = 1
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
@@ -158,6 +175,7 @@ def load_jsonl(path, subject: str | None = None) -> list[Question]:
     """
     path = Path(path)
     subject = subject or path.stem
+    note_read(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

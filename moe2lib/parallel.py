@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Sequence
 
@@ -32,6 +33,26 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_WORKER_MODULES: set[str] = set()
+
+
+def worker_modules() -> set[str]:
+    """The moe2lib modules that worker processes started from here have imported: a stage's record of the
+    library it used (``StageRun.finish``) covers the code its workers ran, not only this process's."""
+    return set(_WORKER_MODULES)
+
+
+def _traced(call: Callable, *job):
+    """``call(*job)`` in a worker, and the moe2lib modules the worker has imported."""
+    return call(*job), sorted(m for m in sys.modules if m.split(".")[0] == "moe2lib")
+
+
+def _untraced(traced):
+    result, modules = traced
+    _WORKER_MODULES.update(modules)
+    return result
 
 
 def check_workers(workers) -> int:
@@ -78,10 +99,10 @@ def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | No
         else:
             ctx = multiprocessing.get_context("spawn")  # fork would copy torch's and llama.cpp's thread pools
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-                futures = {pool.submit(call, *job): i for i, job in enumerate(jobs)}
+                futures = {pool.submit(_traced, call, *job): i for i, job in enumerate(jobs)}
                 try:
                     for f in as_completed(futures):
-                        done(futures[f], f.result())
+                        done(futures[f], _untraced(f.result()))
                 except BaseException:
                     for f in futures:
                         f.cancel()
@@ -108,11 +129,11 @@ def _run_dask(call, jobs, workers: int, scheduler: str, done) -> None:
             client = stack.enter_context(Client(cluster))
         else:
             client = stack.enter_context(Client(scheduler))
-        futures = [client.submit(call, *job, pure=False) for job in jobs]
+        futures = [client.submit(_traced, call, *job, pure=False) for job in jobs]
         index = {f.key: i for i, f in enumerate(futures)}
         try:
             for f in dask_completed(futures):
-                done(index[f.key], f.result())
+                done(index[f.key], _untraced(f.result()))
         except BaseException:
             client.cancel(futures)
             raise

@@ -1,56 +1,25 @@
 """The papermill pipeline: one notebook per stage, parameters from ``configs/<profile>.yaml``.
 
 A stage folder ``artifacts/<stage>/`` is complete when its ``meta.json`` exists; the pipeline
-adds to it a key over the stage's parameters, its notebook, the library source and the meta of
-the stages it reads. A stage whose key is unchanged is skipped; ``force`` reruns it.
+adds to it a key over the stage's parameters, its notebook, the library modules and data files the
+stage recorded using (``uses``, written by ``StageRun.finish``) and the keys of the stages it reads.
+A stage whose key is unchanged is skipped; ``force`` reruns it.
 """
 
 from __future__ import annotations
 
-import ast
-import json
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import artifacts
 from .errors import InputError
+from .stages import NOTEBOOKS, PATH_PARAMS, STAGES, Stage, notebook_parameters
 
 REPO = artifacts.REPO_ROOT
-NOTEBOOKS = REPO / "notebooks"
 CONFIGS = REPO / "configs"
 PROFILES = ("smoke", "default", "paper")
 SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int, "n_questions": int, "benchmark": dict}
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    notebook: str
-    reads: tuple[str, ...] = ()
-    doc: str = ""
-
-
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("base_models", "01_base_models.ipynb", (),
-          "score the packaged base models on an MMLU sample; per-subject accuracy and letter bias"),
-    Stage("clustering", "02_clustering.ipynb", (),
-          "embed the fine-tuning and MMLU prompts, k-means into 8 clusters; UMAP and subject heatmap (Fig. 6)"),
-    Stage("experts", "03_experts.ipynb", ("clustering",),
-          "LoRA-fine-tune one expert per cluster (Table V), export GGUF adapters, write experts.json (Table I)"),
-    Stage("scoring", "04_scoring.ipynb", ("base_models", "clustering", "experts"),
-          "score every expert on the MMLU sample; per-cluster accuracy against its base model"),
-    Stage("profiles", "05_profiling.ipynb", ("experts",),
-          "delay and energy vs prompt length (Fig. 5), the delay model (4)-(6), profiles.json"),
-    Stage("gating", "06_gating.ipynb", ("base_models", "scoring"),
-          "gating network (eq. 1), Fig. 3 baselines with bootstrap intervals, Theorem 1-2 checks"),
-    Stage("tables", "07_tables.ipynb", ("scoring", "gating", "profiles"),
-          "SMO subsets and Top-k inference under delay x energy budgets (Tables II-IV), Pareto fronts"),
-    Stage("fusion", "08_fusion.ipynb", ("experts",),
-          "one token-level fused generation across real llama.cpp servers, step by step (Alg. 3)"),
-)}
 
 
 def out_root(profile: str) -> Path:
@@ -152,30 +121,6 @@ def load_config(profile_or_path: str) -> tuple[dict, Path]:
                              f"and the stages {', '.join(STAGES)}", path=path, line=yaml_line(path, key),
                              param=str(key))
     return cfg, path
-
-
-def notebook_parameters(stage: Stage) -> dict[str, Any]:
-    """The parameters cell of a stage's notebook: name -> default value."""
-    import papermill
-
-    path = NOTEBOOKS / stage.notebook
-    found = papermill.inspect_notebook(str(path))
-    # papermill skips (with only a log line) an assignment it cannot parse; here that is an error
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    cell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
-    for i, line in enumerate("".join(cell["source"]).splitlines() if cell else [], start=1):
-        m = re.match(r"([A-Za-z_]\w*)\s*=", line)
-        if m and m.group(1) not in found:
-            raise InputError(f"line {i} of the parameters cell is not a `name = literal  # comment` papermill "
-                             f"can read: {line.strip()!r}", path=path, param=m.group(1))
-    out = {}
-    for name, info in found.items():
-        try:
-            out[name] = ast.literal_eval(info["default"])
-        except (ValueError, SyntaxError):
-            raise InputError(f"parameter {name!r} must default to a literal, not {info['default']!r}",
-                             path=path, param=name) from None
-    return out
 
 
 _TYPES_EQUIVALENT = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,),
@@ -282,18 +227,37 @@ def stage_params(cfg: Mapping, cfg_path: Path, stage: Stage, profile: str, root:
     return {k: v for k, v in params.items() if k in defaults}
 
 
-def library_digest() -> str:
-    return artifacts.digest({p.name: artifacts.file_sha256(p) for p in sorted((REPO / "moe2lib").glob("*.py"))})
+def uses_now(meta: Mapping) -> dict[str, dict[str, str | None]] | None:
+    """The modules and data files a finished stage recorded (meta.json's ``uses``), hashed as they are now
+    (None for a file that is gone); None when the stage recorded none (written before they were recorded)."""
+    uses = meta.get("uses")
+    if not isinstance(uses, Mapping) or not {"library", "data"} <= set(uses):
+        return None
+
+    def sha(path: str) -> str | None:
+        p = Path(path) if Path(path).is_absolute() else REPO / path
+        return artifacts.file_sha256(p) if p.is_file() else None
+
+    return {kind: {path: sha(path) for path in uses[kind]} for kind in ("library", "data")}
 
 
-def stage_key(stage: Stage, params: Mapping, root: Path) -> str:
+def key_parts(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> dict:
+    """What a stage's key is the digest of: its parameters (the notebook's defaults with ``params`` over
+    them, without the output folders: what ``StageRun`` records), its notebook's sha256, the library modules
+    and data files it used with their sha256 (``uses``), and the keys of the stages it reads. meta.json
+    holds every part (``params``, ``uses``, ``pipeline.notebook_sha256``, ``pipeline.upstream``)."""
     upstream = {}
     for name in stage.reads:
         meta = artifacts.read_meta(root / "artifacts" / name)
         upstream[name] = None if meta is None else meta.get("pipeline", {}).get("key")
-    portable = {k: v for k, v in params.items() if k not in ("artifacts_dir", "figures_dir")}
-    return artifacts.digest({"params": portable, "notebook": artifacts.file_sha256(NOTEBOOKS / stage.notebook),
-                             "library": library_digest(), "upstream": upstream})
+    values = {**notebook_parameters(stage), **params}
+    return {"params": {k: v for k, v in values.items() if k not in PATH_PARAMS},
+            "notebook": artifacts.file_sha256(NOTEBOOKS / stage.notebook),
+            "library": dict(uses["library"]), "data": dict(uses["data"]), "upstream": upstream}
+
+
+def stage_key(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> str:
+    return artifacts.digest(key_parts(stage, params, root, uses))
 
 
 def reproduce(profile: str = "default", *, stages=None, force: bool = False, out: Path | None = None,
@@ -312,11 +276,12 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
     for sname in chosen:
         stage = STAGES[sname]
         params = stage_params(cfg, cfg_path, stage, name, root)
-        key = stage_key(stage, params, root)
         stage_dir = root / "artifacts" / sname
         meta = artifacts.read_meta(stage_dir)
-        if not force and meta and meta.get("pipeline", {}).get("key") == key:
-            log(f"[{sname}] up to date (inputs and parameters unchanged): skipped")
+        uses = uses_now(meta) if meta else None
+        key = None if uses is None else stage_key(stage, params, root, uses)
+        if not force and key is not None and meta.get("pipeline", {}).get("key") == key:
+            log(f"[{sname}] up to date (parameters, notebook, library modules, data and upstream unchanged): skipped")
             outcome[sname] = "skipped"
             continue
         (stage_dir / artifacts.META_NAME).unlink(missing_ok=True)
@@ -335,43 +300,14 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
         meta = artifacts.read_meta(stage_dir)
         if meta is None:
             raise RuntimeError(f"{stage.notebook} finished without writing {stage_dir / artifacts.META_NAME}")
-        meta["pipeline"] = {"key": key, "profile": name, "config": str(cfg_path.relative_to(REPO))
-                            if cfg_path.is_relative_to(REPO) else str(cfg_path),
-                            "notebook": stage.notebook, "wall_time_s": round(wall, 1)}
+        if uses_now(meta) is None:
+            raise RuntimeError(f"{stage.notebook} finished without recording what it used (StageRun.finish does)")
+        parts = key_parts(stage, params, root, meta["uses"])  # the hashes as the stage saw them
+        meta["pipeline"] = {"key": artifacts.digest(parts), "profile": name,
+                            "config": str(cfg_path.relative_to(REPO)) if cfg_path.is_relative_to(REPO) else str(cfg_path),
+                            "notebook": stage.notebook, "notebook_sha256": parts["notebook"],
+                            "upstream": parts["upstream"], "wall_time_s": round(wall, 1)}
         artifacts.write_json(stage_dir / artifacts.META_NAME, meta)
         log(f"[{sname}] done in {wall:.0f} s")
         outcome[sname] = "ran"
     return outcome
-
-
-def save_figure(fig, target) -> Path:
-    """A matplotlib figure written atomically, as every stage writes its figures (format from the suffix)."""
-    target = Path(target)
-    with artifacts.atomic_path(target) as tmp:
-        fig.savefig(tmp, format=target.suffix.lstrip("."), dpi=130, bbox_inches="tight")
-    return target
-
-
-class StageRun:
-    """Bookkeeping of one stage inside its notebook: output paths, timing, and meta.json at the end."""
-
-    def __init__(self, name: str, artifacts_dir, figures_dir, params: Mapping[str, Any]):
-        self.name = name
-        self.dir = Path(artifacts_dir) / name
-        self.figures = Path(figures_dir)
-        self.params = dict(params)
-        self.t0 = time.time()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.figures.mkdir(parents=True, exist_ok=True)
-        (self.dir / artifacts.META_NAME).unlink(missing_ok=True)
-
-    def path(self, filename: str) -> Path:
-        return self.dir / filename
-
-    def figure(self, fig, filename: str) -> Path:
-        """Save a matplotlib figure atomically into the figures folder."""
-        return save_figure(fig, self.figures / filename)
-
-    def finish(self, inputs=(), **extra) -> dict:
-        return artifacts.write_meta(self.dir, params=self.params, inputs=inputs,
-                                    wall_time_s=time.time() - self.t0, **extra)

@@ -284,7 +284,7 @@ def build_profiles(specs, prompts: Sequence[str], texts: Sequence[str], *, modes
 
     unknown = [m for m in modes if m not in PROFILE_MODES]
     if unknown:
-        raise InputError(f"unknown profile mode {unknown[0]!r}; known: {', '.join(PROFILE_MODES)}", param="mode")
+        raise InputError(f"unknown profile mode {unknown[0]!r}; known: {', '.join(PROFILE_MODES)}", param="modes")
     nbytes = np.array([len(p.encode("utf-8")) for p in prompts])
     lengths = {m: prompt_token_counts(m, prompts) for m in sorted({s.model for s in specs})}
     out, used = {}, {}

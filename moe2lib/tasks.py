@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .artifacts import read_json, write_json, write_text
-from .data import LETTERS, _bad_utf8_line, load_jsonl, load_mmlu, resolve_data_dir
+from .data import LETTERS, _bad_utf8_line, load_jsonl, load_mmlu, note_read, resolve_data_dir
 from .errors import InputError, ResourceUnavailable
 
 
@@ -215,6 +215,7 @@ def _cloze(spec: TaskSpec, query: str, choices, gold: int, source: str, path, li
 
 def _json_rows(path: Path):
     """(1-based line, object) per non-blank JSONL line; bad JSON, non-objects, non-UTF-8 and emptiness raise."""
+    note_read(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -142,3 +143,96 @@ def test_evaluate_resplits_a_finished_run_without_models(smoke_run):
     wrong = subprocess.run([sys.executable, "-m", "moe2lib", "evaluate", "--bench", "mmlu", "--seed", "1",
                             "--profile", "smoke", "--out", str(root)], capture_output=True, text=True)
     assert wrong.returncode == 2 and "edge-mix" in wrong.stderr
+
+
+PROBE_PARAMETERS = '''\
+seed = 0                          # unused; a shared profile key
+data_file = "questions.jsonl"     # JSONL questions the stage reads
+artifacts_dir = "../artifacts"    # where the stage writes
+figures_dir = "../figures"        # unused
+'''
+PROBE_CODE = '''\
+from moe2lib import data, smo, stages
+stages.STAGES["probe"] = stages.Stage("probe", "probe.ipynb")
+run = stages.StageRun("probe", globals())
+print(len(data.load_jsonl(data_file)), smo.__name__)
+run.finish()
+'''
+PROBE_DRIVER = '''\
+import json
+from pathlib import Path
+
+from moe2lib import pipeline
+
+pipeline.STAGES["probe"] = pipeline.Stage("probe", "probe.ipynb")
+outcomes = []
+
+
+def reproduce():
+    outcomes.append(pipeline.reproduce("probe.yaml", stages=["probe"], out=Path("run").resolve(), log=print)["probe"])
+
+
+def append(path, text):
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+reproduce()
+append("moe2lib/coordinator.py", "# an edit of a module the stage never imported\\n")
+reproduce()
+append("moe2lib/smo.py", "# an edit of a module the stage imported\\n")
+reproduce()
+append("questions.jsonl", '{"query": "2 + 2 =", "choices": ["4", "5"], "gold": 0}\\n')
+reproduce()
+reproduce()
+print(json.dumps(outcomes))
+'''
+
+
+@pytest.mark.slow
+def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
+    """A copy of the library runs a one-cell stage that imports smo and reads a data file: editing
+    coordinator.py (never imported) leaves it up to date; editing smo.py or the data file reruns it.
+    The stage does not import pipeline.py (only stages.py), so editing how stages are run reruns none."""
+    import shutil
+
+    import nbformat
+
+    repo = tmp_path / "repo"
+    shutil.copytree(artifacts.REPO_ROOT / "moe2lib", repo / "moe2lib", ignore=shutil.ignore_patterns("__pycache__"))
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(PROBE_PARAMETERS, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(PROBE_CODE)]
+    (repo / "notebooks").mkdir()
+    nbformat.write(nb, repo / "notebooks" / "probe.ipynb")
+    questions = repo / "questions.jsonl"
+    questions.write_text('{"query": "1 + 1 =", "choices": ["2", "3"], "gold": 0}\n')
+    (repo / "probe.yaml").write_text(f"seed: 0\nprobe:\n  data_file: {questions}\n")
+    (repo / "driver.py").write_text(PROBE_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "driver.py"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["ran", "skipped", "ran", "ran", "skipped"]
+    meta = artifacts.read_meta(repo / "run" / "artifacts" / "probe")
+    assert meta["params"] == {"seed": 0, "data_file": str(questions)}
+    library = meta["uses"]["library"]
+    assert {"moe2lib/smo.py", "moe2lib/data.py", "moe2lib/stages.py"} <= set(library)
+    assert not {"moe2lib/coordinator.py", "moe2lib/fusion.py", "moe2lib/pipeline.py"} & set(library)
+    assert library["moe2lib/smo.py"] == artifacts.file_sha256(repo / "moe2lib" / "smo.py")
+    assert meta["uses"]["data"] == {"questions.jsonl": artifacts.file_sha256(questions)}  # inside that repo
+    parts = {"params": meta["params"], "notebook": meta["pipeline"]["notebook_sha256"], **meta["uses"],
+             "upstream": meta["pipeline"]["upstream"]}
+    assert artifacts.digest(parts) == meta["pipeline"]["key"]  # the key is readable from meta.json alone
+
+
+def test_workers_report_the_modules_they_imported(tmp_path):
+    """A module imported only inside a worker process is in the stage's record of the library it used."""
+    code = ("import sys; from moe2lib import parallel, stages; "
+            "parallel.run(exec, [('import moe2lib.energy',), ('pass',)], workers=2); "
+            "print('moe2lib.energy' in sys.modules, 'moe2lib.energy' in parallel.worker_modules(), "
+            "'moe2lib/energy.py' in stages.recorded_uses()['library'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(artifacts.REPO_ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "True", "True"]

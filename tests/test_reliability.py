@@ -260,8 +260,8 @@ def reproduce_base_models(cfg, out):
 @pytest.mark.slow
 def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
     """The smoke profile's base_models stage on 8 questions, killed once its first model's scores are saved."""
-    digest = pipeline.library_digest()  # the stage keys compared below must not see edits made meanwhile
-    monkeypatch.setattr(pipeline, "library_digest", lambda: digest)
+    # the up-to-date check below must not see edits made meanwhile: it compares the hashes as recorded
+    monkeypatch.setattr(pipeline, "uses_now", lambda meta: meta.get("uses"))
     cfg = tmp_path / "smoke_small.yaml"
     cfg.write_text(SMALL_SMOKE)
     out = tmp_path / "run"
@@ -363,7 +363,7 @@ def test_config_values_the_types_allow_are_accepted(tmp_path, monkeypatch):
     text = textwrap.dedent(f"""\
         seed: 0
         experts: {{lr: 1, layout: [[e0, {model_file}, 0, cpu-local]]}}
-        profiles: {{power_watts: 35, mode: [measured]}}
+        profiles: {{power_watts: 35, modes: [measured]}}
         tables: {{delay_budgets: [1, 2.5, null], energy_budgets: [5, 10]}}
         gating: {{hidden: [64], embedding_model: all-minilm-l6-v2}}
         """)

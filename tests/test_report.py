@@ -90,3 +90,32 @@ def test_fusion_figure_draws_the_steps_a_trace_has(smoke_run):
     fig = fusion.steps_figure(trace["steps"][:3])
     assert sum(ax.axison for ax in fig.axes) == 3
     plt.close(fig)
+
+
+def test_committed_figures_and_tables_are_redrawn_byte_for_byte(tmp_path):
+    """The default run's committed artifacts give back its committed figures and tables, byte for byte."""
+    repo = artifacts.REPO_ROOT
+    shutil.copytree(repo / "artifacts", tmp_path / "artifacts")
+    done = report.regenerate(tmp_path / "artifacts", tmp_path / "figures", log=lambda _: None)
+    assert not done.skipped
+    committed = sorted(p.name for p in (repo / "figures").glob("*.png"))
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == committed and len(committed) == 16
+    for name in committed:
+        assert (tmp_path / "figures" / name).read_bytes() == (repo / "figures" / name).read_bytes(), name
+    for p in [*(repo / "artifacts" / "tables").glob("*.csv"), repo / "artifacts" / "tables" / "tables.md"]:
+        assert (tmp_path / "artifacts" / "tables" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_each_notebook_draws_the_figures_the_command_draws():
+    """Every stage notebook calls exactly the moe2lib.figures functions that `figures` calls for its stage."""
+    import re
+
+    from moe2lib import figures, pipeline
+
+    for name, stage in pipeline.STAGES.items():
+        nb = json.loads((pipeline.NOTEBOOKS / stage.notebook).read_text(encoding="utf-8"))
+        code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        called = set(re.findall(r"run\.figure\(figures\.(\w+)", code))
+        drawn = {draw.__name__ for draw, _ in figures.of_stage(name, artifacts.REPO_ROOT / "artifacts")}
+        assert called == drawn, name
+        assert "_figure(" not in code, f"{name} draws a figure other than through moe2lib.figures"
