@@ -117,15 +117,18 @@ def read_npz(path) -> dict[str, np.ndarray]:
 
 
 def portable_path(path) -> str | None:
-    """A path as recorded in an artifact: relative to the repository when inside it, so results do not
-    carry the machine's folder layout."""
+    """A path as recorded in an artifact: relative to the repository when inside it, ``../shared/...`` when
+    in the data folder beside it, so results do not carry the machine's folder layout; else absolute."""
     if path is None:
         return None
-    p = Path(path)
-    try:
-        return str(p.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(p)
+    p = Path(path).resolve()
+    for base, prefix in ((REPO_ROOT, None), (REPO_ROOT.parent / "shared", Path("..", "shared"))):
+        try:
+            rel = p.relative_to(base.resolve())
+        except ValueError:
+            continue
+        return str(rel if prefix is None else prefix / rel)
+    return str(p)
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -185,16 +188,8 @@ def provenance() -> dict[str, Any]:
 
 
 def input_hashes(paths) -> dict[str, str]:
-    """sha256 of each input file, keyed by its path relative to the repo where possible."""
-    out = {}
-    for p in paths:
-        p = Path(p)
-        try:
-            key = str(p.resolve().relative_to(REPO_ROOT))
-        except ValueError:
-            key = str(p)
-        out[key] = file_sha256(p)
-    return out
+    """sha256 of each input file, keyed by its :func:`portable_path`."""
+    return {portable_path(p): file_sha256(p) for p in paths}
 
 
 def write_meta(stage_dir, *, params: Mapping[str, Any], inputs=(), wall_time_s: float | None = None,

@@ -515,6 +515,8 @@ class LoraFineTuner:
         self.fingerprint_ = meta["fingerprint"]
         self.adapter_dir_ = out_dir
         self.skipped_ = True
+        for stale in ("model_", "tokenizer_"):  # an earlier fit's model is not the reused adapter
+            self.__dict__.pop(stale, None)
 
 
 def fit_saved(tuner: LoraFineTuner, questions: Sequence, out_dir) -> LoraFineTuner:

@@ -304,7 +304,7 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
             raise RuntimeError(f"{stage.notebook} finished without recording what it used (StageRun.finish does)")
         parts = key_parts(stage, params, root, meta["uses"])  # the hashes as the stage saw them
         meta["pipeline"] = {"key": artifacts.digest(parts), "profile": name,
-                            "config": str(cfg_path.relative_to(REPO)) if cfg_path.is_relative_to(REPO) else str(cfg_path),
+                            "config": artifacts.portable_path(cfg_path),
                             "notebook": stage.notebook, "notebook_sha256": parts["notebook"],
                             "upstream": parts["upstream"], "wall_time_s": round(wall, 1)}
         artifacts.write_json(stage_dir / artifacts.META_NAME, meta)

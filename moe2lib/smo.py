@@ -519,11 +519,12 @@ def _convex_bound(relaxed, X, Z, F, lz, e, E, iters: int):
     ``X`` (a parent's point) tighten it; returns (bounds combined with ``lz`` = L(Z), last points).
     """
     free = Z & ~F
-    cap = E - subset_energy(F, e)
+    over = subset_energy(F, e) > E  # within the search's tolerance, so no subset of the box fits
+    cap = np.maximum(E - subset_energy(F, e), 0.0)
     x = np.where(F, 1.0, np.where(free, X, 0.0))
     used = (x * free * e).sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(used > cap, cap / used, 1.0)
+        scale = np.where(used > cap, cap / np.maximum(used, 1e-300), 1.0)
     x = np.where(free, x * scale[:, None], x)
     best = lz.copy()
     steps = np.array([1.0, 0.5, 0.25, 0.125, 0.0625, 0.0])
@@ -536,7 +537,7 @@ def _convex_bound(relaxed, X, Z, F, lz, e, E, iters: int):
         trial = (x[:, None, :] + steps[None, :, None] * d[:, None, :]).reshape(-1, x.shape[1])
         tv = relaxed(np.clip(trial, 0.0, 1.0))[0].reshape(x.shape[0], steps.size)
         x = np.clip(x + steps[np.argmin(tv, axis=1)][:, None] * d, 0.0, 1.0)
-    return best, x
+    return np.where(over, np.inf, best), x
 
 
 class _Marginals:
@@ -643,13 +644,14 @@ def _branch_and_bound(s: "_Search", root_loss: float, *, eps: float, batch_size:
         idx = np.flatnonzero(allowed & loo.any(axis=1))
         score[idx] = (oracle(loo[idx]) - root_loss) / np.maximum(e[idx], 1e-12)
     # open boxes: a heap of ints (ordered bound << 40 | id), fast to compare; the box itself
-    # (bound, top vertex, fixed set, number of free experts, L(top), what its bound refinement
-    # starts from: inherited marginals or relaxation point, whether it was refined) is in ``boxes``
+    # (bound, top vertex, fixed set, number of free experts, L(top), what refining its bound starts from:
+    # the parent's marginals or relaxation point) is kept in ``boxes`` under its id; the bound is refined
+    # when the box is expanded
     codec = oracle.codec
     SHIFT, ID = 40, (1 << 40) - 1
     start = allowed.astype(float) if bounds == "convex" else None
     boxes = {0: (root_loss, codec.encode(allowed[None, :])[0],
-                 codec.encode(np.zeros((1, K), dtype=bool))[0], int(allowed.sum()), root_loss, start, False)}
+                 codec.encode(np.zeros((1, K), dtype=bool))[0], int(allowed.sum()), root_loss, start)}
     heap = [(_ordered(np.array([root_loss]))[0] << SHIFT) | 0]
     seq = 0
     pruned_min = math.inf  # least bound of any part of the search space discarded by the cut
@@ -671,20 +673,13 @@ def _branch_and_bound(s: "_Search", root_loss: float, *, eps: float, batch_size:
         lz = np.array([bx[4] for bx in popped])
         bnd = np.array([bx[0] for bx in popped])
         refs = [bx[5] for bx in popped]
-        todo = np.array([not bx[6] for bx in popped]) if bounds != "monotone" else np.zeros(len(popped), bool)
-        if todo.any():  # refine a box's bound when it is expanded, from what it carries
-            t = np.flatnonzero(todo)
+        if bounds != "monotone":  # refine each box's bound from what it carries; children inherit it
             if bounds == "marginals":
-                own = _Marginals.of(oracle, Z[t], F[t], lz[t])
-                for i, r in zip(t, own):
-                    refs[i] = r
-                bnd[t] = np.maximum(bnd[t], _marginal_bound(own, Z[t], F[t], lz[t], e, E))
+                refs = _Marginals.of(oracle, Z, F, lz)
+                bnd = np.maximum(bnd, _marginal_bound(refs, Z, F, lz, e, E))
             else:
-                b_t, x_t = _convex_bound(oracle.relaxed, np.stack([refs[i] for i in t]), Z[t], F[t],
-                                         lz[t], e, E, relax_iters)
-                bnd[t] = np.maximum(bnd[t], b_t)
-                for i, x in zip(t, x_t):
-                    refs[i] = x
+                b_own, x_own = _convex_bound(oracle.relaxed, np.stack(refs), Z, F, lz, e, E, relax_iters)
+                bnd, refs = np.maximum(bnd, b_own), list(x_own)
             dead = bnd >= s.best_loss - eps
             if dead.any():
                 pruned_min = min(pruned_min, float(bnd[dead].min()))
@@ -716,7 +711,7 @@ def _branch_and_bound(s: "_Search", root_loss: float, *, eps: float, batch_size:
             nfree = (Zc[push] & ~Fc[push]).sum(axis=1).tolist()
             for r, o, fk, nf in zip(push.tolist(), _ordered(child[push]), fkeys, nfree):
                 seq += 1
-                boxes[seq] = (float(child[r]), keys[r], fk, nf, float(vals[r]), refs[parent[r]], False)
+                boxes[seq] = (float(child[r]), keys[r], fk, nf, float(vals[r]), refs[parent[r]])
                 heapq.heappush(heap, (o << SHIFT) | seq)
         if projections and push.size:
             best = push[np.argsort(child[push], kind="stable")[:projections]]

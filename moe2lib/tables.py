@@ -17,6 +17,7 @@ testbed come from :func:`rescale_budgets`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -192,6 +193,28 @@ def rescale_budgets(delay_budgets, energy_budgets, reference: tuple, target: tup
     fd = float(np.mean(d1) / np.mean(d0))
     fe = float(np.mean(e1) / np.mean(e0))
     return [b * fd for b in delay_budgets], [b * fe for b in energy_budgets]
+
+
+def reselection_latency(loss, delay, energy, energy_budget: float, repetitions: int = 20) -> dict:
+    """Milliseconds of one :func:`smo.select_subset` call when conditions change: the energy budget moves
+    to 60–98% of ``energy_budget``, or one member of the subset chosen under it goes down (each in turn).
+
+    Returns ``{"budget_change_ms" | "expert_down_ms": {"median", "max"}}`` (no delay budget).
+    """
+    first = smo.select_subset(loss, delay, energy, math.inf, energy_budget)
+    members = np.flatnonzero(first.mask)
+    lat = {"budget_change_ms": [], "expert_down_ms": []}
+    for rep in range(repetitions):
+        t = time.perf_counter()
+        smo.select_subset(loss, delay, energy, math.inf, energy_budget * (0.6 + 0.02 * rep))
+        lat["budget_change_ms"].append(1e3 * (time.perf_counter() - t))
+        if members.size:
+            down = np.ones(len(first.mask), bool)
+            down[members[rep % members.size]] = False
+            t = time.perf_counter()
+            smo.select_subset(loss, delay, energy, math.inf, energy_budget, available=down)
+            lat["expert_down_ms"].append(1e3 * (time.perf_counter() - t))
+    return {k: {"median": float(np.median(v)), "max": float(np.max(v))} for k, v in lat.items() if v}
 
 
 def pareto_front(cost, accuracy) -> np.ndarray:

@@ -60,3 +60,15 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     plain.write_text("x")
     written = artifacts.write_text(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+def test_recorded_paths_are_relative_to_the_repo_or_the_shared_data_beside_it(tmp_path):
+    inside = artifacts.REPO_ROOT / "configs" / "default.yaml"
+    assert artifacts.portable_path(inside) == "configs/default.yaml"
+    shared = artifacts.REPO_ROOT.parent / "shared" / "datasets" / "x.csv"
+    assert artifacts.portable_path(shared) == "../shared/datasets/x.csv"
+    elsewhere = tmp_path / "data.csv"
+    elsewhere.write_text("a\n")
+    assert artifacts.portable_path(elsewhere) == str(elsewhere.resolve())
+    assert artifacts.input_hashes([inside, elsewhere]) == {
+        "configs/default.yaml": artifacts.file_sha256(inside), str(elsewhere.resolve()): artifacts.file_sha256(elsewhere)}

@@ -193,6 +193,18 @@ def test_stronger_bounds_stopped_early_stay_below_the_optimum(bounds, max_evalua
     assert r.bound <= ex.loss + 1e-12 <= r.loss + 2e-12
 
 
+@pytest.mark.parametrize("bounds", ["monotone", "marginals", "convex"])
+def test_budget_sums_that_round_just_over_the_budget(bounds):
+    # 0.1 + 0.2 = 0.30000000000000004 > 0.3: boxes whose fixed experts exceed E by a rounding error
+    loss = smo.synthetic_instance(6, 5, n_prompts=40)[0]
+    energy = np.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.25])
+    delay = np.ones(6)
+    for E in (0.3, 0.45, 0.6):
+        ex = smo.exhaustive_subset(loss, delay, energy, 1.0, E)
+        r = smo.select_subset(loss, delay, energy, 1.0, E, bounds=bounds, heuristics="none")
+        assert r.loss == pytest.approx(ex.loss, abs=1e-12) and r.bound <= ex.loss + 1e-12
+
+
 def test_stronger_bounds_prune_more():
     loss, delay, energy = smo.synthetic_instance(24, 0, n_prompts=100)
     D, E = 2.0, 0.3 * energy[delay <= 2.0].sum()

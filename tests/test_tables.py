@@ -127,3 +127,13 @@ def test_answer_energy_scale_keeps_each_budget_among_the_experts_costs():
     for bad in (([0.0, 1.0], [1.0, 2.0]), ([1.0], [1.0, 2.0]), ([1.0], [math.nan])):
         with pytest.raises(InputError, match="energies"):
             tables.answer_energy_scale(*bad)
+
+
+def test_reselection_latency_times_both_events():
+    from moe2lib import smo
+
+    loss, delay, energy = smo.synthetic_instance(8, 0, n_prompts=50)
+    out = tables.reselection_latency(loss, delay, energy, 0.4 * float(energy.sum()), repetitions=5)
+    assert set(out) == {"budget_change_ms", "expert_down_ms"}
+    assert all(0 < v["median"] <= v["max"] < 5_000 for v in out.values())
+    assert set(tables.reselection_latency(loss, delay, energy, 0.0, repetitions=2)) == {"budget_change_ms"}  # none down
