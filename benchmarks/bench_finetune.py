@@ -192,6 +192,9 @@ def speed(args):
     if n_layers:
         upper = list(range(n_layers // 2, n_layers))
         run(f"bucketed, layers {upper[0]}-{upper[-1]} only", layers=upper)
+        if len(args.threads) > 1:
+            run(f"bucketed, {args.threads[-1]} thr, layers {upper[0]}-{upper[-1]}", threads=args.threads[-1],
+                layers=upper)
     run("bucketed, attention only", target_modules=ATTN)
     if "compile" in args.extra:
         run("bucketed, torch.compile", compile=True)
