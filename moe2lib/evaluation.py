@@ -282,7 +282,8 @@ def theorem2_check(gate, probs, answer, *, n_chains: int = 20, seed: int = 0, to
         sub, sup = sub[keep], sup[keep]
         rise = loss[sup] - loss[sub]
         out["pairs"] = stats(rise)
-        out["pairs"]["share_accuracy_falling"] = float((acc[sup] < acc[sub] - 1e-12).mean())
+        out["pairs"]["share_accuracy_falling"] = (float((acc[sup] < acc[sub] - 1e-12).mean()) if sub.size
+                                                  else float("nan"))  # K = 1: no nested pairs
         step = np.array([bin(int(a ^ b)).count("1") == 1 for a, b in zip(sub, sup)], dtype=bool)
         out["steps"] = stats(rise[step])
         best = int(np.argmin(np.where(ids > 0, loss, np.inf)))
