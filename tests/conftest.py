@@ -6,6 +6,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 
+def _has_data() -> bool:
+    """Whether the benchmark data (llm-foundry tasks and MMLU's test split) is found where the library looks."""
+    from moe2lib.data import resolve_data_dir
+    from moe2lib.errors import ResourceUnavailable
+
+    try:
+        resolve_data_dir(None, "llm-foundry")
+        resolve_data_dir(None, "mmlu/test")
+    except ResourceUnavailable:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not _has_data(), reason="no benchmark data folder (../shared/datasets) here")
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The smoke pipeline run once per test session: (output root, each stage's outcome, the log)."""

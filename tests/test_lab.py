@@ -24,6 +24,8 @@ import pytest
 
 from moe2lib import pipeline
 
+from conftest import needs_data
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "01_base_models.ipynb"   # scores real questions with both packaged models; two figures, two bars
 SOURCE = ROOT / "notebooks" / NOTEBOOK
@@ -33,18 +35,6 @@ WINDOW = (1280, 1150)   # the screenshot: the scoring cell's bar and the figure 
 def _browser():
     chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
     return chromium, shutil.which("chromedriver")
-
-
-def _has_data() -> bool:
-    from moe2lib.data import resolve_data_dir
-    from moe2lib.errors import ResourceUnavailable
-
-    try:
-        resolve_data_dir(None, "llm-foundry")
-        resolve_data_dir(None, "mmlu/test")
-    except ResourceUnavailable:
-        return False
-    return True
 
 
 def _free_port() -> int:
@@ -155,7 +145,7 @@ return {
                     "(requirements.txt pins it)")
 @pytest.mark.skipif(not all(_browser()), reason="no headless browser here: needs chromium and chromedriver "
                     "(Debian: apt-get install chromium chromium-driver)")
-@pytest.mark.skipif(not _has_data(), reason="no benchmark data folder (../shared/datasets) here")
+@needs_data
 def test_notebook_runs_all_cells_in_jupyterlab(lab, tmp_path):
     import papermill
     from selenium.webdriver.common.by import By

@@ -9,17 +9,9 @@ from moe2lib.data import resolve_data_dir
 from moe2lib.errors import InputError, ResourceUnavailable
 from moe2lib.tasks import ChoiceItem
 
-
-def _has_data() -> bool:
-    try:
-        resolve_data_dir(None, "llm-foundry")
-        resolve_data_dir(None, "mmlu/test")
-    except ResourceUnavailable:
-        return False
-    return True
+from conftest import needs_data
 
 
-needs_data = pytest.mark.skipif(not _has_data(), reason="no benchmark data folder (../shared/datasets) here")
 
 ROWS = {  # rows per file, from SOURCES.md
     "mmlu": 14042, "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "agieval_lsat_ar": 230,
