@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+
 from .errors import InputError
 
 ROLES = ("system", "user", "assistant")

@@ -80,7 +80,7 @@ def notebook_parameters(stage: Stage) -> dict[str, Any]:
 def recorded_uses() -> dict[str, dict[str, str]]:
     """What this process has used so far, with each file's sha256: ``library``, the moe2lib modules it or
     a worker it started (:func:`moe2lib.parallel.worker_modules`) imported; ``data``, the data files it
-    read (:func:`moe2lib.data.files_read`). Paths are relative to the repository where inside it.
+    read (:func:`moe2lib.data.files_read`). Paths as :func:`moe2lib.artifacts.portable_path` writes them.
 
     Recorded by ``StageRun.finish`` into meta.json, it is what a stage's key covers besides its parameters,
     notebook and upstream stages: a module the stage never imported cannot make it rerun.
