@@ -33,8 +33,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moe2lib.finetune import LoraFineTuner  # noqa: E402
-from moe2lib.tasks import ChoiceItem, build_benchmark  # noqa: E402
+from moe2lib.data.tasks import ChoiceItem, build_benchmark  # noqa: E402
+from moe2lib.models.finetune import LoraFineTuner  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -148,7 +148,7 @@ def heldout_loss(ft: LoraFineTuner, items, batch: int = 8) -> float:
 def speed(args):
     import torch
 
-    from moe2lib.finetune import bf16_supported
+    from moe2lib.models.finetune import bf16_supported
 
     pool = load_items(args.task)
     items, held = pool[:args.items], pool[args.items:args.items + args.heldout]
@@ -218,7 +218,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=("speed", "compare"))
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--task", default="commonsense_qa", help="a moe2lib.tasks task name")
+    p.add_argument("--task", default="commonsense_qa", help="a moe2lib.data.tasks task name")
     p.add_argument("--items", type=int, default=64)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="torch threads; compare uses the first")

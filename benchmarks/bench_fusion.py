@@ -21,8 +21,9 @@ import time
 
 import httpx
 
-from moe2lib import models, servers
-from moe2lib.coordinator import APIS, Coordinator
+from moe2lib.models import registry
+from moe2lib.serve import servers
+from moe2lib.serve.coordinator import APIS, Coordinator
 
 PROMPT = "The history of the printing press begins"
 
@@ -50,7 +51,7 @@ def run(pin: bool, tokens: int, repeats: int, top_n: int) -> dict:
     cpus = {"gemma": 0, "smol": 1 % ncpu, "smol-q8": 1 % ncpu} if pin else {}
     specs = [servers.ServerSpec("gemma", "gemma3-270m", cpu=cpus.get("gemma")),
              servers.ServerSpec("smol", "smollm2-135m-instruct", cpu=cpus.get("smol")),
-             servers.ServerSpec("smol-q8", str(models.requantized("smollm2-135m-instruct", "Q8_0")),
+             servers.ServerSpec("smol-q8", str(registry.requantized("smollm2-135m-instruct", "Q8_0")),
                                 cpu=cpus.get("smol-q8"))]
     res: dict = {"pinned": cpus or None}
     with servers.ServerPool(specs) as pool:
@@ -87,7 +88,7 @@ def main():
             print(f"  {k:14s} {1000 * v['median_s']:16.1f} {1000 * v['mean_s']:8.1f} "
                   f"{v['ratio_to_slowest_alone']:24.2f}")
     if args.out:
-        from moe2lib.artifacts import write_json
+        from moe2lib.infra.artifacts import write_json
         write_json(args.out, out)
 
 

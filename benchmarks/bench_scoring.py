@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-from moe2lib import data, experts, lora, models
+from moe2lib.data import loaders
+from moe2lib.models import experts, lora, registry
 
 
 def timed(expert, prompts):
@@ -45,8 +46,8 @@ def timed(expert, prompts):
 
 
 def choice_questions(n: int, seed: int):
-    """n questions, half MMLU test and half ARC-Easy, as ChoiceItems (moe2lib.tasks)."""
-    from moe2lib import tasks
+    """n questions, half MMLU test and half ARC-Easy, as ChoiceItems (moe2lib.data.tasks)."""
+    from moe2lib.data import tasks
 
     rng = np.random.default_rng(seed)
     out = []
@@ -57,8 +58,8 @@ def choice_questions(n: int, seed: int):
 
 
 def letter_prompt(item) -> str:
-    q = data.Question(item.text, tuple(c.strip() for c in item.continuations), item.gold, item.task)
-    return data.format_prompt(q)
+    q = loaders.Question(item.text, tuple(c.strip() for c in item.continuations), item.gold, item.task)
+    return loaders.format_prompt(q)
 
 
 def choice_section(args):
@@ -131,8 +132,8 @@ def expert_section(args):
     import tempfile
     from pathlib import Path
 
-    questions = data.load_mmlu("test")
-    prompts = [data.format_prompt(questions[i]) for i in data.stratified_sample(questions, args.expert_n, args.seed)]
+    questions = loaders.load_mmlu("test")
+    prompts = [loaders.format_prompt(questions[i]) for i in loaders.stratified_sample(questions, args.expert_n, args.seed)]
     print(f"\nexpert rows: {len(prompts)} MMLU test prompts, {args.threads} threads, random LoRA r={args.rank} on "
           f"{args.modules}, best of {args.rounds} interleaved rounds; wall-clock on a shared machine\n")
     header = f"{'model':24s} {'expert':28s} {'q/s':>6s} {'tok/s':>7s} {'vs base':>8s} {'vs F16':>7s}"
@@ -141,7 +142,7 @@ def expert_section(args):
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             peft = lora.random_adapter(name, Path(tmp) / "peft", rank=args.rank, modules=args.modules.split(","))
-            adapter = str(lora.export_gguf(peft, models.locate(name, "llm"), Path(tmp) / "adapter.gguf"))
+            adapter = str(lora.export_gguf(peft, registry.locate(name, "llm"), Path(tmp) / "adapter.gguf"))
             rows = {"base native": experts.LlamaCppExpert(name, weights="native", n_threads=args.threads),
                     "base F16": experts.LlamaCppExpert(name, weights="F16", n_threads=args.threads),
                     "expert runtime-adapter": experts.LlamaCppExpert(name, adapter, n_threads=args.threads),
@@ -182,7 +183,7 @@ def main(argv=None):
     p.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
     p.add_argument("--formats", default="native,F16",
                    help="llama.cpp weight formats: native (the packaged file) and/or "
-                        f"{', '.join(models.QUANT_TYPES)} (re-encoded once into the cache)")
+                        f"{', '.join(registry.QUANT_TYPES)} (re-encoded once into the cache)")
     p.add_argument("--batch-size", type=int, default=8, help="transformers batch size")
     p.add_argument("--choice", action="store_true", help="only the choice-path section (see above)")
     p.add_argument("--choice-n", type=int, default=40, help="questions for the choice-path section")
@@ -197,9 +198,9 @@ def main(argv=None):
     if args.experts:
         return expert_section(args)
 
-    questions = data.load_mmlu("test")
-    sample = [questions[i] for i in data.stratified_sample(questions, args.n, args.seed)]
-    prompts = [data.format_prompt(q) for q in sample]
+    questions = loaders.load_mmlu("test")
+    sample = [questions[i] for i in loaders.stratified_sample(questions, args.n, args.seed)]
+    prompts = [loaders.format_prompt(q) for q in sample]
     answers = np.array([q.answer for q in sample])
     print(f"{len(prompts)} MMLU test prompts, {args.threads} threads\n")
     header = f"{'model':24s} {'backend':22s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>7s} {'vs hf':>6s} " \

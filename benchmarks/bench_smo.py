@@ -5,7 +5,7 @@
                                    [--time-limit 10] [--bounds convex] [--sweep-k 32]
                                    [--nonmono-ks 8,12] [--compare-ks 24,32,64]
 
-Instances come from ``moe2lib.smo.synthetic_instance`` (monotone mixture loss over ``--n-prompts``
+Instances come from ``moe2lib.core.smo.synthetic_instance`` (monotone mixture loss over ``--n-prompts``
 prompts, experts on a device catalogue like the paper's testbed). The delay budget drops the
 experts that are too slow; the energy budget is ``--energy-frac`` of the remaining experts' total
 energy. For each K it prints SMO (exact, eps=0, while K <= --exact-max-k; else to --eps, with
@@ -37,7 +37,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from moe2lib import smo  # noqa: E402
+from moe2lib.core import smo  # noqa: E402
 
 
 def instance(K, seed, args, monotone=True):

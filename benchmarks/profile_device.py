@@ -1,7 +1,7 @@
 """Profile experts on this machine's accelerator (or CPU) and write a profiles json (measured mode).
 
 Used by ``benchmarks/gpu_profile.sh``; runs the same measurement and delay-model fit as the profiles
-stage (``moe2lib.profiling.build_profiles``), with llama.cpp layers offloaded (``--n-gpu-layers``) and
+stage (``moe2lib.models.profiling.build_profiles``), with llama.cpp layers offloaded (``--n-gpu-layers``) and
 energy from Zeus (NVML on a GPU, the INA3221 rails on a Jetson) where it reads a counter.
 
     python benchmarks/profile_device.py --device rtx4090 --n-gpu-layers -1 --meter zeus --out profiles.json
@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe2lib import data, energy, experts, profiling  # noqa: E402
+from moe2lib.data import loaders
+from moe2lib.models import energy, experts, profiling  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,8 +48,8 @@ def main(argv=None) -> int:
     if a.meter == "zeus" and not energy.ZeusMeter().available():
         print("zeus reads no energy counter here (NVML / RAPL / Jetson rails); use --meter auto", file=sys.stderr)
         return 2
-    prompts = [data.format_prompt(q) for q in data.mmlu_sample(a.n_questions, a.seed, "test", a.data_dir)]
-    texts = [data.format_prompt(q) for q in data.load_mmlu("dev", a.data_dir)]
+    prompts = [loaders.format_prompt(q) for q in loaders.mmlu_sample(a.n_questions, a.seed, "test", a.data_dir)]
+    texts = [loaders.format_prompt(q) for q in loaders.load_mmlu("dev", a.data_dir)]
     t0 = time.time()
     report = sorted({1, *a.report_tokens})
     modes, used = profiling.build_profiles(

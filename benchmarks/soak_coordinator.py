@@ -34,7 +34,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe2lib import servers  # noqa: E402
+from moe2lib.serve import servers  # noqa: E402
 
 TOPICS = ["the water cycle", "prime numbers", "the French revolution", "photosynthesis", "binary search",
           "the moon landing", "volcanoes", "supply and demand", "the human heart", "Shakespeare"]

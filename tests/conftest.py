@@ -8,7 +8,7 @@ import pytest
 
 def _has_data() -> bool:
     """Whether the benchmark data (llm-foundry tasks and MMLU's test split) is found where the library looks."""
-    from moe2lib.data import resolve_data_dir
+    from moe2lib.data.loaders import resolve_data_dir
     from moe2lib.errors import ResourceUnavailable
 
     try:
@@ -25,11 +25,11 @@ needs_data = pytest.mark.skipif(not _has_data(), reason="no benchmark data folde
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The smoke pipeline run once per test session: (output root, each stage's outcome, the log)."""
-    from moe2lib import pipeline
+    from moe2lib.pipeline import runner
 
     root = tmp_path_factory.mktemp("smoke")
     logs = []
-    outcome = pipeline.reproduce("smoke", out=root, log=logs.append)
+    outcome = runner.reproduce("smoke", out=root, log=logs.append)
     return root, outcome, logs
 
 
@@ -40,10 +40,11 @@ def pool():
     tokenizer); every process is checked to be gone at the end."""
     import socket
 
-    from moe2lib import models, servers
+    from moe2lib.models import registry
+    from moe2lib.serve import servers
 
     specs = [servers.ServerSpec("smol", "smollm2-135m-instruct"),
-             servers.ServerSpec("smol-b", str(models.requantized("smollm2-135m-instruct", "Q8_0"))),
+             servers.ServerSpec("smol-b", str(registry.requantized("smollm2-135m-instruct", "Q8_0"))),
              servers.ServerSpec("gemma", "gemma3-270m")]
     p = servers.ServerPool(specs).start()
     yield p

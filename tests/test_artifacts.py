@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from moe2lib import artifacts
 from moe2lib.errors import InputError
+from moe2lib.infra import artifacts
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from moe2lib import chat
-from moe2lib.coordinator import clients_from_urls
 from moe2lib.errors import InputError
+from moe2lib.serve import chat
+from moe2lib.serve.coordinator import clients_from_urls
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]

@@ -15,8 +15,10 @@ Stated tolerances (real packaged models, 12 MMLU-test + ARC-Easy questions; meas
 import numpy as np
 import pytest
 
-from moe2lib import choice, data, experts
+from moe2lib.core import choice
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.models import experts
 
 MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
 ARC_EASY = "/work/shared/datasets/arc/llm-foundry_derived/arc_easy_test.jsonl"
@@ -66,7 +68,7 @@ def test_fit_temperature_recovers_the_generating_one():
 
 # --- experts: real models --------------------------------------------------------------------------------
 
-def as_request(q: data.Question):
+def as_request(q: loaders.Question):
     """lm-eval's layout: "Question: ...\\nAnswer:" then " <choice>" (ARC's query already says "Question:")."""
     stem = q.question if q.question.startswith("Question:") else f"Question: {q.question}"
     return [(f"{stem}\nAnswer:", f" {c}") for c in q.choices]
@@ -84,9 +86,9 @@ EDGE_CASES = [
 
 @pytest.fixture(scope="module")
 def questions():
-    mmlu = data.load_mmlu("test")
-    picked = [mmlu[i] for i in data.stratified_sample(mmlu, 6, seed=2)]
-    return picked + data.load_jsonl(ARC_EASY)[:6]
+    mmlu = loaders.load_mmlu("test")
+    picked = [mmlu[i] for i in loaders.stratified_sample(mmlu, 6, seed=2)]
+    return picked + loaders.load_jsonl(ARC_EASY)[:6]
 
 
 @pytest.fixture(scope="module", params=[("smollm2-135m-instruct", "native", TOL_SHARED), ("gemma3-270m", "Q8_0", TOL_SHARED),
@@ -152,11 +154,12 @@ def test_lora_adapter_is_honoured(tmp_path, questions):
     """A random LoRA (built as in test_lora.py) moves llama.cpp's choice scores as it moves transformers+peft's:
     per-token scores within the base models' tolerance of each other, and moved far more than that."""
     from test_lora import random_peft_adapter
-    from moe2lib import lora, models
+
+    from moe2lib.models import lora, registry
 
     name = "smollm2-135m-instruct"
     peft_dir = random_peft_adapter(name, tmp_path / "peft")
-    gguf = lora.export_gguf(peft_dir, models.locate(name, "llm"), tmp_path / "a.gguf")
+    gguf = lora.export_gguf(peft_dir, registry.locate(name, "llm"), tmp_path / "a.gguf")
     reqs = [as_request(q) for q in questions[:4]]
     with experts.make_expert(name, n_threads=1) as base, \
             experts.make_expert(name, adapter=str(gguf), n_threads=1) as ll, \

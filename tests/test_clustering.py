@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from moe2lib import clustering, data, models
+from moe2lib.data import loaders
 from moe2lib.errors import InputError, ResourceUnavailable
+from moe2lib.models import clustering, registry
 
 
 def _blobs(sizes=(60, 40, 25), dim=16, seed=0):
@@ -82,13 +83,13 @@ def test_umap_is_seeded_and_figures_draw():
 def test_embedding_cache_skips_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_CACHE", str(tmp_path))
     calls = []
-    real = models.sentence_transformer
+    real = registry.sentence_transformer
 
     def counting(name, *a, **kw):
         calls.append(name)
         return real(name, *a, **kw)
 
-    monkeypatch.setattr(models, "sentence_transformer", counting)
+    monkeypatch.setattr(registry, "sentence_transformer", counting)
     texts = ["The cat sat on the mat.", "Interest rates rose again."]
     first = clustering.embed_texts(texts, progress=False)
     again = clustering.embed_texts(texts, progress=False)
@@ -120,9 +121,9 @@ def test_paraphrases_are_closer_than_unrelated_texts(tmp_path, monkeypatch):
 
 def test_embed_questions_uses_the_prompt_and_mgte_is_selectable(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_CACHE", str(tmp_path))
-    q = data.Question("What is 2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics", "x.csv:1")
+    q = loaders.Question("What is 2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics", "x.csv:1")
     e = clustering.embed_questions([q], progress=False)
-    assert np.array_equal(e, clustering.embed_texts([data.format_prompt(q)], progress=False))
+    assert np.array_equal(e, clustering.embed_texts([loaders.format_prompt(q)], progress=False))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("MOE2_MODEL_MGTE_BASE", raising=False)
     with pytest.raises(ResourceUnavailable, match="MOE2_MODEL_MGTE_BASE"):

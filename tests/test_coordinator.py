@@ -17,11 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe2lib import fusion, servers
-from moe2lib.coordinator import (APIS, AllExpertsFailed, Coordinator, ExpertClient, ExpertCost, ExpertFailed,
-                                 OpenAICompletions, clients_from_urls)
-from moe2lib.endpoint import Limits
+from moe2lib.core import fusion
 from moe2lib.errors import InputError
+from moe2lib.serve import servers
+from moe2lib.serve.coordinator import (
+    APIS,
+    AllExpertsFailed,
+    Coordinator,
+    ExpertClient,
+    ExpertCost,
+    ExpertFailed,
+    OpenAICompletions,
+    clients_from_urls,
+)
+from moe2lib.serve.endpoint import Limits
 
 pytestmark = pytest.mark.slow
 PROMPT = "Question: What is the capital of France?\nAnswer:"
@@ -398,8 +407,9 @@ def test_client_learns_end_tokens_when_eos_hides_the_logprobs(pool):
 
 
 def test_cli_serve_experts_and_serve(tmp_path):
-    import httpx
     import time
+
+    import httpx
 
     def start(args):
         return subprocess.Popen([sys.executable, "-m", "moe2lib", *args], stdout=subprocess.PIPE,
@@ -476,8 +486,8 @@ def test_parsing_and_inputs_without_servers():
 
 
 def test_costs_from_a_profiles_file(tmp_path):
-    from moe2lib.artifacts import write_json
-    from moe2lib.coordinator import load_costs
+    from moe2lib.infra.artifacts import write_json
+    from moe2lib.serve.coordinator import load_costs
 
     doc = {"modes": {"measured": {
         "a": {"device": "cpu-local", "classes": {"all": {"delay_s": {"1": 0.5, "32": 2.05},
@@ -494,9 +504,9 @@ def test_costs_from_a_profiles_file(tmp_path):
 
 def test_gating_network_weights_the_experts(pool, tmp_path):
     """The gating stage's network (eq. (1)) gives the weights; Top-k (27)–(28) renormalises them."""
-    from moe2lib.clustering import embed_texts
-    from moe2lib.coordinator import gate_from_gating
-    from moe2lib.gating import GatingNetwork
+    from moe2lib.core.gating import GatingNetwork
+    from moe2lib.models.clustering import embed_texts
+    from moe2lib.serve.coordinator import gate_from_gating
 
     rng = np.random.default_rng(0)
     texts = [f"question {i} about {w}" for i, w in enumerate(["algebra", "history", "law", "physics"] * 5)]
@@ -514,7 +524,7 @@ def test_gating_network_weights_the_experts(pool, tmp_path):
 
 
 def test_expert_urls_with_and_without_names():
-    from moe2lib.coordinator import clients_from_urls
+    from moe2lib.serve.coordinator import clients_from_urls
 
     a, b, c = clients_from_urls("e0=http://127.0.0.1:1/v1?x=1,http://127.0.0.1:2/?y=2,e2=http://h:3")
     assert (a.name, a.url.rstrip("/")) == ("e0", "http://127.0.0.1:1/v1?x=1")

@@ -4,7 +4,7 @@ costs have known values, a subset costs its slowest member's delay and the sum o
 import numpy as np
 import pytest
 
-from moe2lib import costmodel, devices
+from moe2lib.core import costmodel, devices
 from moe2lib.errors import InputError
 
 COST = costmodel.ModelCost("toy", params=1.0e8, weight_bytes=6.0e7, n_layer=12, attn_width=512, source="test")

@@ -5,36 +5,36 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe2lib import data
+from moe2lib.data import loaders
 from moe2lib.errors import InputError, ResourceUnavailable
 
 
 def test_mmlu_splits_have_their_published_sizes():
-    test = data.load_mmlu("test")
-    assert len(test) == 14042 and len(data.subjects_of(test)) == 57
-    assert len(data.load_mmlu("val")) == 1531
-    assert len(data.load_mmlu("dev")) == 285
-    aux = data.load_mmlu("auxiliary_train")
-    assert {"arc_easy", "obqa"} <= set(data.subjects_of(aux))
+    test = loaders.load_mmlu("test")
+    assert len(test) == 14042 and len(loaders.subjects_of(test)) == 57
+    assert len(loaders.load_mmlu("val")) == 1531
+    assert len(loaders.load_mmlu("dev")) == 285
+    aux = loaders.load_mmlu("auxiliary_train")
+    assert {"arc_easy", "obqa"} <= set(loaders.subjects_of(aux))
 
 
 def test_known_first_question():
-    q = data.load_mmlu("test", subjects=["anatomy"])[0]
+    q = loaders.load_mmlu("test", subjects=["anatomy"])[0]
     assert q.question.startswith("A lesion causing compression of the facial nerve at the stylomastoid foramen")
     assert q.answer == 0 and q.answer_letter == "A" and q.subject == "anatomy"
     assert q.source == "mmlu/test/anatomy_test.csv:1" and len(q.choices) == 4
 
 
 def test_prompt_is_the_papers_zero_shot_format():
-    q = data.Question("What is 2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics")
-    assert data.format_prompt(q) == (
+    q = loaders.Question("What is 2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics")
+    assert loaders.format_prompt(q) == (
         "The following is a multiple choice question about elementary mathematics.\n\n"
         "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
-    assert data.format_prompt(q, "{question} [{subject}]") == "What is 2+2? [elementary mathematics]"
+    assert loaders.format_prompt(q, "{question} [{subject}]") == "What is 2+2? [elementary mathematics]"
     with pytest.raises(InputError, match="template"):
-        data.format_prompt(q, "{question} {topic}")
+        loaders.format_prompt(q, "{question} {topic}")
     with pytest.raises(InputError, match="template"):
-        data.format_prompt(q, "{question")
+        loaders.format_prompt(q, "{question")
 
 
 def _mmlu_dir(tmp_path, rows: str):
@@ -53,51 +53,51 @@ def _mmlu_dir(tmp_path, rows: str):
 def test_malformed_rows_name_file_and_line(tmp_path, rows, line, message):
     root = _mmlu_dir(tmp_path, rows)
     with pytest.raises(InputError, match=message) as err:
-        data.load_mmlu("test", root)
+        loaders.load_mmlu("test", root)
     assert f"toy_test.csv:{line}" in str(err.value)
 
 
 def test_empty_file_is_an_error(tmp_path):
     root = _mmlu_dir(tmp_path, "")
     with pytest.raises(InputError, match=r"toy_test\.csv: empty file"):
-        data.load_mmlu("test", root)
+        loaders.load_mmlu("test", root)
 
 
 def test_empty_split_folder_is_an_error(tmp_path):
     (tmp_path / "mmlu" / "val").mkdir(parents=True)
     with pytest.raises(InputError, match="no CSV files"):
-        data.load_mmlu("val", tmp_path)
+        loaders.load_mmlu("val", tmp_path)
 
 
 def test_unknown_split_and_subject():
     with pytest.raises(InputError, match="'split'"):
-        data.load_mmlu("train")
+        loaders.load_mmlu("train")
     with pytest.raises(InputError, match="astrology.*known: abstract_algebra, anatomy"):
-        data.load_mmlu("test", subjects=["astrology"])
+        loaders.load_mmlu("test", subjects=["astrology"])
 
 
 def test_subject_filter():
-    qs = data.load_mmlu("dev", subjects=["anatomy", "virology"])
-    assert data.subjects_of(qs) == ["anatomy", "virology"] and len(qs) == 10
-    assert [q.subject for q in data.load_mmlu("dev", subjects="anatomy")] == ["anatomy"] * 5
+    qs = loaders.load_mmlu("dev", subjects=["anatomy", "virology"])
+    assert loaders.subjects_of(qs) == ["anatomy", "virology"] and len(qs) == 10
+    assert [q.subject for q in loaders.load_mmlu("dev", subjects="anatomy")] == ["anatomy"] * 5
 
 
 def test_jsonl_both_spellings_and_errors(tmp_path):
     good = tmp_path / "arc.jsonl"
     good.write_text(json.dumps({"query": "Q: sky?", "choices": ["red", "blue"], "gold": 1}) + "\n\n"
                     + json.dumps({"question": "sea?", "choices": ["w", "x", "y"], "answer": "C"}) + "\n")
-    qs = data.load_jsonl(good)
+    qs = loaders.load_jsonl(good)
     assert [q.answer for q in qs] == [1, 2] and qs[0].subject == "arc" and qs[1].source == "arc.jsonl:3"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"query": "a", "choices": ["x", "y"], "gold": 0}) + "\n{oops\n")
     with pytest.raises(InputError, match=r"bad\.jsonl:2: invalid JSON"):
-        data.load_jsonl(bad)
+        loaders.load_jsonl(bad)
     bad.write_text(json.dumps({"query": "a", "choices": ["x", "y"], "gold": 5}) + "\n")
     with pytest.raises(InputError, match=r"bad\.jsonl:1: 'gold'"):
-        data.load_jsonl(bad)
+        loaders.load_jsonl(bad)
     bad.write_text("\n")
     with pytest.raises(InputError, match=r"bad\.jsonl: empty file"):
-        data.load_jsonl(bad)
+        loaders.load_jsonl(bad)
 
 
 @pytest.mark.parametrize("obj, message", [
@@ -113,121 +113,121 @@ def test_jsonl_invalid_fields(tmp_path, obj, message):
     bad = tmp_path / "set.jsonl"
     bad.write_text(json.dumps({"query": "ok", "choices": ["x", "y"], "gold": 1}) + "\n\n" + json.dumps(obj) + "\n")
     with pytest.raises(InputError, match=message) as err:
-        data.load_jsonl(bad)
+        loaders.load_jsonl(bad)
     assert "set.jsonl:3" in str(err.value)
 
 
 def test_real_jsonl_sets_load():
-    root = data.resolve_data_dir(need="arc")
-    arc = data.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl")
+    root = loaders.resolve_data_dir(need="arc")
+    arc = loaders.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl")
     assert len(arc) == 2376 and all(len(q.choices) == 4 for q in arc)
 
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path))
     with pytest.raises(ResourceUnavailable, match="data.tar"):
-        data.resolve_data_dir()
+        loaders.resolve_data_dir()
     _mmlu_dir(tmp_path, "q,a,b,c,d,A\n")
-    assert data.resolve_data_dir() == tmp_path
-    assert len(data.load_mmlu("test")) == 1
+    assert loaders.resolve_data_dir() == tmp_path
+    assert len(loaders.load_mmlu("test")) == 1
     with pytest.raises(ResourceUnavailable, match="data_dir"):
-        data.resolve_data_dir(tmp_path / "nowhere")
+        loaders.resolve_data_dir(tmp_path / "nowhere")
 
 
 def test_data_dir_fallbacks(tmp_path, monkeypatch):
     monkeypatch.delenv("MOE2_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert (data.resolve_data_dir() / "mmlu" / "test" / "anatomy_test.csv").is_file()
+    assert (loaders.resolve_data_dir() / "mmlu" / "test" / "anatomy_test.csv").is_file()
     _mmlu_dir(tmp_path / "data", "q,a,b,c,d,A\n")
-    assert data.resolve_data_dir() == (tmp_path / "data").resolve()
-    monkeypatch.setattr(data, "_REPO", tmp_path / "repo")
+    assert loaders.resolve_data_dir() == (tmp_path / "data").resolve()
+    monkeypatch.setattr(loaders, "_REPO", tmp_path / "repo")
     with pytest.raises(ResourceUnavailable) as err:
-        data.resolve_data_dir(need="mmlu/val")
+        loaders.resolve_data_dir(need="mmlu/val")
     message = str(err.value)
     assert str(tmp_path / "data") in message and "hendrycks/data.tar" in message and "MOE2_DATA_DIR" in message
 
 
 def _toy(sizes):
-    return [data.Question(f"q{s}{i}", ("a", "b"), 0, f"s{s}") for s, n in enumerate(sizes) for i in range(n)]
+    return [loaders.Question(f"q{s}{i}", ("a", "b"), 0, f"s{s}") for s, n in enumerate(sizes) for i in range(n)]
 
 
 def test_stratified_split_keeps_subject_proportions():
-    qs = data.load_mmlu("test")
-    train, test = data.stratified_split(qs, 0.3, seed=0)
+    qs = loaders.load_mmlu("test")
+    train, test = loaders.stratified_split(qs, 0.3, seed=0)
     assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(qs)
     subj = np.array([q.subject for q in qs])
-    for s in data.subjects_of(qs):
+    for s in loaders.subjects_of(qs):
         n = (subj == s).sum()
         assert abs((subj[test] == s).sum() - 0.3 * n) <= 1
-    again = data.stratified_split(qs, 0.3, seed=0)
-    other = data.stratified_split(qs, 0.3, seed=1)
+    again = loaders.stratified_split(qs, 0.3, seed=0)
+    other = loaders.stratified_split(qs, 0.3, seed=1)
     assert np.array_equal(again[1], test) and not np.array_equal(other[1], test)
     with pytest.raises(InputError, match="test_fraction"):
-        data.stratified_split(qs, 1.0, seed=0)
+        loaders.stratified_split(qs, 1.0, seed=0)
 
 
 def test_stratified_sample_is_exact_and_proportional():
-    qs = data.load_mmlu("test")
-    idx = data.stratified_sample(qs, 570, seed=0)
+    qs = loaders.load_mmlu("test")
+    idx = loaders.stratified_sample(qs, 570, seed=0)
     assert len(idx) == 570 == len(set(idx.tolist()))
     subj = np.array([q.subject for q in qs])
     assert len(set(subj[idx])) == 57
     assert abs((subj[idx] == "professional_law").sum() - 570 * 1534 / 14042) <= 1.5
-    assert np.array_equal(idx, data.stratified_sample(qs, 570, seed=0))
+    assert np.array_equal(idx, loaders.stratified_sample(qs, 570, seed=0))
     with pytest.raises(InputError, match="'n'"):
-        data.stratified_sample(qs, 14043, seed=0)
+        loaders.stratified_sample(qs, 14043, seed=0)
 
 
 def test_stratified_sample_allocation_on_toy_subjects():
     subj = np.array([q.subject for q in _toy([50, 30, 20])])
-    idx = data.stratified_sample(_toy([50, 30, 20]), 10, seed=3)
+    idx = loaders.stratified_sample(_toy([50, 30, 20]), 10, seed=3)
     assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [5, 3, 2]
     qs = _toy([97, 2, 1])
     subj = np.array([q.subject for q in qs])
-    idx = data.stratified_sample(qs, 10, seed=3)
+    idx = loaders.stratified_sample(qs, 10, seed=3)
     assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [8, 1, 1]
     qs = _toy([7, 5, 1])
     subj = np.array([q.subject for q in qs])
-    idx = data.stratified_sample(qs, 2, seed=3)
+    idx = loaders.stratified_sample(qs, 2, seed=3)
     assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [1, 1, 0]
     even = _toy([40, 40])
-    assert not np.array_equal(data.stratified_sample(even, 10, 0), data.stratified_sample(even, 10, 1))
+    assert not np.array_equal(loaders.stratified_sample(even, 10, 0), loaders.stratified_sample(even, 10, 1))
     for bad in (0, 2.5):
         with pytest.raises(InputError, match="'n'"):
-            data.stratified_sample(qs, bad, seed=0)
+            loaders.stratified_sample(qs, bad, seed=0)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16))
 def test_split_is_a_seeded_partition(sizes, fraction, seed):
     qs = _toy(sizes)
-    train, test = data.stratified_split(qs, fraction, seed)
+    train, test = loaders.stratified_split(qs, fraction, seed)
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(qs)))
-    t2 = data.stratified_split(qs, fraction, seed)
+    t2 = loaders.stratified_split(qs, fraction, seed)
     assert np.array_equal(train, t2[0]) and np.array_equal(test, t2[1])
     subj = np.array([q.subject for q in qs])
     for s, size in enumerate(sizes):
         k = (subj[test] == f"s{s}").sum()
         assert abs(k - fraction * size) <= 1 and (size < 2 or 0 < k < size)
     n = int(np.clip(round(fraction * len(qs)), 1, len(qs)))
-    sample = data.stratified_sample(qs, n, seed)
+    sample = loaders.stratified_sample(qs, n, seed)
     assert len(sample) == len(set(sample.tolist())) == n
 
 
 def test_mmlu_sample_is_the_shared_seeded_sample():
-    a = data.mmlu_sample(114, seed=3)
-    assert len(a) == 114 and len(data.subjects_of(a)) == 57
-    assert [q.source for q in a] == [q.source for q in data.mmlu_sample(114, seed=3)]
-    assert [q.source for q in a] != [q.source for q in data.mmlu_sample(114, seed=4)]
-    assert len(data.mmlu_sample(0, seed=0, split="dev")) == 285
+    a = loaders.mmlu_sample(114, seed=3)
+    assert len(a) == 114 and len(loaders.subjects_of(a)) == 57
+    assert [q.source for q in a] == [q.source for q in loaders.mmlu_sample(114, seed=3)]
+    assert [q.source for q in a] != [q.source for q in loaders.mmlu_sample(114, seed=4)]
+    assert len(loaders.mmlu_sample(0, seed=0, split="dev")) == 285
 
 
 def _key(q):
-    return data._norm_text(q.question), tuple(data._norm_text(c) for c in q.choices)
+    return loaders._norm_text(q.question), tuple(loaders._norm_text(c) for c in q.choices)
 
 
 def test_finetune_corpus_counts_sources_and_dedup():
-    corpus = data.load_finetune_corpus()
+    corpus = loaders.load_finetune_corpus()
     by = {}
     for q in corpus:
         by[q.subject] = by.get(q.subject, 0) + 1
@@ -245,33 +245,33 @@ def test_finetune_corpus_counts_sources_and_dedup():
 
 
 def test_finetune_corpus_excludes_mmlu_evaluation_questions():
-    corpus = data.load_finetune_corpus()
-    held_out = {data._norm_text(q.question) for s in ("test", "val", "dev") for q in data.load_mmlu(s)}
-    assert not any(data._norm_text(q.question) in held_out for q in corpus)
+    corpus = loaders.load_finetune_corpus()
+    held_out = {loaders._norm_text(q.question) for s in ("test", "val", "dev") for q in loaders.load_mmlu(s)}
+    assert not any(loaders._norm_text(q.question) in held_out for q in corpus)
     assert not any(q.source.startswith(("mmlu/test/", "mmlu/val/", "mmlu/dev/")) for q in corpus)
 
 
 def test_finetune_corpus_sources_are_configurable():
-    arc = data.load_finetune_corpus(["arc_easy"])
+    arc = loaders.load_finetune_corpus(["arc_easy"])
     assert len(arc) == 2375 and {q.subject for q in arc} == {"arc_easy"}
-    assert len(data.load_finetune_corpus("openbookqa")) == 500
+    assert len(loaders.load_finetune_corpus("openbookqa")) == 500
     with pytest.raises(InputError, match="known: mmlu_aux, arc_easy") as err:
-        data.load_finetune_corpus(["arc_easy", "squad"])
+        loaders.load_finetune_corpus(["arc_easy", "squad"])
     assert err.value.param == "sources" and "squad" in str(err.value)
 
 
 def test_source_files_of_questions():
-    qs = data.load_finetune_corpus(["openbookqa"]) + data.load_mmlu("dev", subjects=["anatomy"])
-    files = data.source_files(qs)
-    root = data.resolve_data_dir()
+    qs = loaders.load_finetune_corpus(["openbookqa"]) + loaders.load_mmlu("dev", subjects=["anatomy"])
+    files = loaders.source_files(qs)
+    root = loaders.resolve_data_dir()
     assert files == sorted([root / "mmlu/dev/anatomy_dev.csv",
                             root / "openbookqa/llm-foundry_derived/openbookqa_test.jsonl"])
     assert all(f.exists() for f in files)
 
 
 def test_split_of_one_question_per_subject_keeps_the_fraction():
-    qs = data.mmlu_sample(57, seed=0)
-    train, test = data.stratified_split(qs, 0.5, seed=0)
+    qs = loaders.mmlu_sample(57, seed=0)
+    train, test = loaders.stratified_split(qs, 0.5, seed=0)
     assert len(test) == 28 and len(train) == 29
-    train, test = data.stratified_split(qs, 0.25, seed=1)
+    train, test = loaders.stratified_split(qs, 0.25, seed=1)
     assert len(test) == 14

@@ -1,6 +1,6 @@
 import pytest
 
-from moe2lib import devices
+from moe2lib.core import devices
 from moe2lib.errors import InputError
 
 

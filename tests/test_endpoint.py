@@ -13,10 +13,10 @@ import time
 import httpx
 import pytest
 
-from moe2lib import servers
-from moe2lib.coordinator import Coordinator
-from moe2lib.endpoint import Limits, make_app
 from moe2lib.errors import InputError
+from moe2lib.serve import servers
+from moe2lib.serve.coordinator import Coordinator
+from moe2lib.serve.endpoint import Limits, make_app
 
 pytestmark = pytest.mark.slow
 PROMPT = "Question: What is the capital of France?\nAnswer:"

@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from moe2lib import energy
 from moe2lib.errors import InputError, ResourceUnavailable
+from moe2lib.models import energy
 
 
 def test_estimate_meter_labels_itself_and_multiplies_time_by_power():

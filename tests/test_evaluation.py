@@ -4,7 +4,10 @@ import matplotlib
 import numpy as np
 import pytest
 
-from moe2lib import evaluation, gating
+from moe2lib.analysis import evaluation
+from moe2lib.core import gating
+from moe2lib.core.scores import align_rows
+from moe2lib.core.stats import bootstrap_ci, bootstrap_means, relative_improvement
 from moe2lib.errors import InputError
 
 matplotlib.use("Agg")
@@ -49,21 +52,21 @@ def test_best_expert_is_chosen_on_train_and_reported_on_test():
 def test_bootstrap_is_seeded_paired_and_near_the_normal_approximation():
     rng = np.random.default_rng(0)
     x = (rng.random(400) < 0.5).astype(float)
-    ci = evaluation.bootstrap_ci(x, 2000, seed=1)[0]
+    ci = bootstrap_ci(x, 2000, seed=1)[0]
     assert ci[0] < x.mean() < ci[1]
     se = np.sqrt(x.mean() * (1 - x.mean()) / len(x))
     assert ci[1] - ci[0] == pytest.approx(2 * 1.96 * se, rel=0.12)
-    np.testing.assert_array_equal(ci, evaluation.bootstrap_ci(x, 2000, seed=1)[0])
-    assert not np.array_equal(ci, evaluation.bootstrap_ci(x, 2000, seed=2)[0])
-    np.testing.assert_allclose(evaluation.bootstrap_ci(np.full(50, 0.7), 100)[0], [0.7, 0.7], atol=1e-12)
+    np.testing.assert_array_equal(ci, bootstrap_ci(x, 2000, seed=1)[0])
+    assert not np.array_equal(ci, bootstrap_ci(x, 2000, seed=2)[0])
+    np.testing.assert_allclose(bootstrap_ci(np.full(50, 0.7), 100)[0], [0.7, 0.7], atol=1e-12)
     # paired: the same resamples for every row, so identical rows give identical samples
-    boot = evaluation.bootstrap_means(np.stack([x, x, 1 - x]), 300, seed=3)
+    boot = bootstrap_means(np.stack([x, x, 1 - x]), 300, seed=3)
     np.testing.assert_array_equal(boot[0], boot[1])
     np.testing.assert_allclose(boot[0] + boot[2], 1.0)
 
 
 def test_relative_improvement_is_the_papers_form():
-    assert evaluation.relative_improvement(0.572, 0.5) == pytest.approx(0.144)
+    assert relative_improvement(0.572, 0.5) == pytest.approx(0.144)
     metrics = evaluation.fig3_metrics({"single_agent": np.r_[np.ones(50), np.zeros(50)],
                                        "majority_voting": np.r_[np.ones(60), np.zeros(40)],
                                        "moe2": np.r_[np.ones(75), np.zeros(25)]},
@@ -158,9 +161,9 @@ def test_random_subsets_are_distinct_and_proper():
 
 
 def test_align_rows_joins_on_qid_and_names_a_missing_prompt():
-    np.testing.assert_array_equal(evaluation.align_rows(["b", "a"], ["a", "b", "c"]), [1, 0])
+    np.testing.assert_array_equal(align_rows(["b", "a"], ["a", "b", "c"]), [1, 0])
     with pytest.raises(InputError, match="'z'") as err:
-        evaluation.align_rows(["a", "z"], ["a", "b"], path="base.npz")
+        align_rows(["a", "z"], ["a", "b"], path="base.npz")
     assert err.value.path == "base.npz"
 
 
@@ -180,7 +183,7 @@ def test_figures_draw_from_metrics():
 
 
 def test_train_test_split_is_stratified_and_refuses_an_empty_side():
-    from moe2lib.data import Question
+    from moe2lib.data.loaders import Question
 
     qs = [Question(f"q{i}", ("a", "b", "c", "d"), i % 4, f"s{i % 3}", f"f:{i}") for i in range(30)]
     train, test = evaluation.train_test_split(qs, 0.5, seed=0)
@@ -237,7 +240,7 @@ def test_stratified_resplit_keeps_shares_and_depends_on_seed():
 
 def test_fig3_experiment_routes_synthetic_experts_near_the_oracle():
     """Expert 0 knows task 1, expert 1 task 2: MoE2 is near the oracle and above voting and the base model."""
-    from moe2lib.scoring import Scores
+    from moe2lib.core.scores import Scores
 
     X, probs, answer, cluster = gating.synthetic_experts(n=400, seed=3)
     n = len(answer)

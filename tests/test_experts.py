@@ -8,16 +8,17 @@ max |Δp| <= 0.1, mean |Δp| <= 0.02, and the same argmax on at least 95% of pro
 import numpy as np
 import pytest
 
-from moe2lib import data, experts
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.models import experts
 
 MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
 
 
 @pytest.fixture(scope="module")
 def sample():
-    questions = data.load_mmlu("test")
-    return [questions[i] for i in data.stratified_sample(questions, 57, seed=1)]
+    questions = loaders.load_mmlu("test")
+    return [questions[i] for i in loaders.stratified_sample(questions, 57, seed=1)]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -32,13 +33,13 @@ def pair(request):
 def test_backends_tokenise_alike(pair, sample):
     ll, hf = pair
     for q in sample[:10]:
-        prompt = data.format_prompt(q)
+        prompt = loaders.format_prompt(q)
         assert ll.encode(prompt) == hf.encode(prompt)
 
 
 def test_backends_agree_within_tolerance(pair, sample):
     ll, hf = pair
-    prompts = [data.format_prompt(q) for q in sample]
+    prompts = [loaders.format_prompt(q) for q in sample]
     a, b = ll.choice_probs(prompts), hf.choice_probs(prompts)
     for p in (a, b):
         assert p.shape == (len(prompts), 4)
@@ -50,7 +51,7 @@ def test_backends_agree_within_tolerance(pair, sample):
 
 
 def test_gemma_prepends_bos_and_smollm2_does_not(sample):
-    prompt = data.format_prompt(sample[0])
+    prompt = loaders.format_prompt(sample[0])
     gemma = experts.make_expert("gemma3-270m")
     smol = experts.make_expert("smollm2-135m-instruct")
     assert gemma.encode(prompt)[0] == 2 and gemma.encode(prompt)[1] != 2
@@ -61,7 +62,7 @@ def test_gemma_prepends_bos_and_smollm2_does_not(sample):
 
 def test_results_do_not_depend_on_what_came_before(sample):
     e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
-    prompts = [data.format_prompt(q) for q in sample[:4]]
+    prompts = [loaders.format_prompt(q) for q in sample[:4]]
     forward = e.letter_logits(prompts)
     backward = e.letter_logits(prompts[::-1])[::-1]
     np.testing.assert_allclose(forward, backward, atol=1e-4)
@@ -78,7 +79,8 @@ def test_unknown_backend_and_missing_adapter():
 
 def test_registry_round_trip_and_errors(tmp_path):
     import json
-    from moe2lib.experts import ExpertSpec, read_registry, write_registry
+
+    from moe2lib.models.experts import ExpertSpec, read_registry, write_registry
 
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / "e0.gguf").write_bytes(b"x")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from moe2lib import data, experts
+from moe2lib.data import loaders
+from moe2lib.data.tasks import ChoiceItem
 from moe2lib.errors import InputError
-from moe2lib.finetune import ChoiceExample, LoraFineTuner, TextExample, fit_saved
-from moe2lib.tasks import ChoiceItem
+from moe2lib.models import experts
+from moe2lib.models.finetune import ChoiceExample, LoraFineTuner, TextExample, fit_saved
 
 slow = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
@@ -36,15 +37,15 @@ def arc_items(questions):
 @pytest.fixture(scope="module")
 def items():
     """Short ARC-Easy questions with short answers (fast steps), as ChoiceItems."""
-    root = data.resolve_data_dir(None, "arc")
-    qs = data.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl", "arc_easy")
+    root = loaders.resolve_data_dir(None, "arc")
+    qs = loaders.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl", "arc_easy")
     short = [q for q in qs if len(q.question) < 120 and max(len(c) for c in q.choices) < 25]
     return arc_items(short[:8])
 
 
 @pytest.fixture(scope="module")
 def questions():
-    qs = data.load_mmlu("auxiliary_train")
+    qs = loaders.load_mmlu("auxiliary_train")
     # short questions keep the steps fast; all with the answer C so that learning it is visible
     short = [q for q in qs if len(q.question) < 200 and len(q.choices) == 4]
     return [q for q in short if q.answer == 2][:12]
@@ -63,7 +64,7 @@ def test_examples_are_tokenised_as_the_experts_score_them(questions):
     with experts.make_expert(MODEL, n_threads=1) as ll:
         letter_c = ll._load().tokenize(b" C", add_bos=False, special=False)
         for q, (ids, target) in zip(questions, examples):
-            assert ids == ll.encode(data.format_prompt(q))
+            assert ids == ll.encode(loaders.format_prompt(q))
             assert [target] == letter_c
 
 
@@ -150,7 +151,8 @@ def test_bad_parameters():
 
 def test_fit_saved_reads_back_a_finished_folder_of_the_same_fingerprint(questions, tmp_path):
     """No model runs: a folder whose meta.json has this tuner's fingerprint (and weights) is reused as it is."""
-    from moe2lib import artifacts, finetune
+    from moe2lib.infra import artifacts
+    from moe2lib.models import finetune
 
     ft = tuner(seed=0)
     folder = tmp_path / "e0"
@@ -167,7 +169,7 @@ def test_fit_saved_reads_back_a_finished_folder_of_the_same_fingerprint(question
 
 
 def test_select_examples_samples_and_tops_up_small_clusters():
-    from moe2lib.finetune import select_examples
+    from moe2lib.models.finetune import select_examples
 
     rng = np.random.default_rng(0)
     ft_cluster = np.repeat([0, 1, 2], [50, 5, 45])
@@ -192,8 +194,8 @@ def ttuner(**kw):
 
 
 def test_fingerprint_covers_target_items_and_gold(items, questions):
-    from moe2lib import artifacts
-    from moe2lib.finetune import ENCODING
+    from moe2lib.infra import artifacts
+    from moe2lib.models.finetune import ENCODING
 
     fps = {t: LoraFineTuner(MODEL, target=t).fingerprint(items) for t in ("text", "choice_ce")}
     assert fps["text"] != fps["choice_ce"]
@@ -211,7 +213,7 @@ def test_fingerprint_covers_target_items_and_gold(items, questions):
     params = {k: v for k, v in letter.get_params().items()}
     assert "target" not in params
     old = artifacts.digest({"params": params, "encoding": ENCODING, "questions": [q.source for q in questions],
-                            "prompts": [data.format_prompt(q) for q in questions],
+                            "prompts": [loaders.format_prompt(q) for q in questions],
                             "answers": [q.answer for q in questions]})
     assert letter.fingerprint(questions) == old
 
@@ -317,7 +319,7 @@ def test_text_loss_is_the_continuation_cross_entropy(questions, items):
 def test_text_target_learns_the_continuations_with_mlp_modules(items, tmp_path):
     import torch
 
-    from moe2lib import lora, models
+    from moe2lib.models import lora, registry
 
     modules = ("q_proj", "k_proj", "v_proj", "o_proj") + MLP
     ft = fit_saved(ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3), items, tmp_path / "text")
@@ -333,8 +335,8 @@ def test_text_target_learns_the_continuations_with_mlp_modules(items, tmp_path):
     weights = load_file(str(tmp_path / "text" / "adapter_model.safetensors"))
     assert len(weights) == 30 * 7 * 2 and any(".mlp.down_proj.lora_A" in k for k in weights)
     # the adapter on the MLP projections exports to a GGUF adapter llama.cpp's shapes accept
-    path = lora.export_gguf(tmp_path / "text", models.locate(MODEL, "llm"), tmp_path / "text.gguf")
-    info = lora.check_adapter(path, models.locate(MODEL, "llm"))
+    path = lora.export_gguf(tmp_path / "text", registry.locate(MODEL, "llm"), tmp_path / "text.gguf")
+    info = lora.check_adapter(path, registry.locate(MODEL, "llm"))
     assert {"ffn_gate", "ffn_up", "ffn_down", "attn_q"} <= set(info["modules"]) and info["n_targets"] == 30 * 7
     # other target, other expert: not reused
     again = fit_saved(ttuner(target_modules=modules, max_steps=None, epochs=2, lr=3e-3), items, tmp_path / "text")
@@ -360,7 +362,7 @@ def test_choice_ce_raises_the_gold_choice(items):
 
 
 def test_speed_options_are_checked_and_enter_the_fingerprint_only_when_set(tmp_path):
-    from moe2lib.finetune import bf16_supported
+    from moe2lib.models.finetune import bf16_supported
 
     for kw, param in (({"precision": "fp16"}, "precision"), ({"layers": [-1]}, "layers"),
                       ({"layers": []}, "layers"), ({"layers": "0,1"}, "layers")):
@@ -382,7 +384,7 @@ def test_speed_options_are_checked_and_enter_the_fingerprint_only_when_set(tmp_p
 def test_lora_on_upper_layers_only_trains_and_exports(items, tmp_path):
     import re
 
-    from moe2lib import lora, models
+    from moe2lib.models import lora, registry
 
     upper = list(range(15, 30))
     ft = ttuner(layers=upper, max_steps=2).fit(items)
@@ -390,8 +392,8 @@ def test_lora_on_upper_layers_only_trains_and_exports(items, tmp_path):
     assert {int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for n in trained} == set(upper)
     assert len(trained) == len(upper) * 4 * 2 and all(np.isfinite(h["loss"]) for h in ft.history_)
     ft.model_.save_pretrained(tmp_path / "upper")
-    path = lora.export_gguf(tmp_path / "upper", models.locate(MODEL, "llm"), tmp_path / "upper.gguf")
-    assert lora.check_adapter(path, models.locate(MODEL, "llm"))["n_targets"] == len(upper) * 4
+    path = lora.export_gguf(tmp_path / "upper", registry.locate(MODEL, "llm"), tmp_path / "upper.gguf")
+    assert lora.check_adapter(path, registry.locate(MODEL, "llm"))["n_targets"] == len(upper) * 4
     with pytest.raises(InputError) as info:
         ttuner(layers=[30], max_steps=1).fit(items)
     assert info.value.param == "layers"

@@ -1,4 +1,4 @@
-"""Fusion maths (eq. (29) over text, with eqs. (2), (26)–(28) of moe2lib.gating) on known answers and
+"""Fusion maths (eq. (29) over text, with eqs. (2), (26)–(28) of moe2lib.core.gating) on known answers and
 invariants."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe2lib import fusion, gating
+from moe2lib.core import fusion, gating
 from moe2lib.errors import InputError
 
 gates = st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=1, max_size=8)

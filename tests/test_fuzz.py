@@ -21,10 +21,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from moe2lib import data, fusion, gating, smo
-from moe2lib.coordinator import APIS, Coordinator, ExpertClient, ExpertFailed
-from moe2lib.endpoint import Limits, ParsedRequest, make_app, parse_request
+from moe2lib.core import fusion, gating, smo
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.serve.coordinator import APIS, Coordinator, ExpertClient, ExpertFailed
+from moe2lib.serve.endpoint import Limits, ParsedRequest, make_app, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -58,7 +59,7 @@ def test_mmlu_csv_loads_or_names_file_and_line(rows, raw_lines):
         path.parent.mkdir(parents=True)
         path.write_text(text, encoding="utf-8", newline="")
         try:
-            qs = data.load_mmlu("test", tmp)
+            qs = loaders.load_mmlu("test", tmp)
         except InputError as exc:
             n_lines = len(list(io.StringIO(text, newline="")))  # lines as Python reads them: \r ends one too
             _assert_names_file_and_line(exc, path, n_lines)
@@ -79,7 +80,7 @@ def test_arbitrary_bytes_load_or_name_the_file(junk, at, kind):
         path.parent.mkdir(parents=True)
         path.write_bytes(raw)
         try:
-            qs = data.load_mmlu("test", tmp) if kind == "csv" else data.load_jsonl(path)
+            qs = loaders.load_mmlu("test", tmp) if kind == "csv" else loaders.load_jsonl(path)
         except InputError as exc:
             assert exc.path is not None and Path(exc.path).name == path.name, str(exc)
             assert exc.line is None or 1 <= exc.line <= raw.count(b"\n") + raw.count(b"\r") + 1, str(exc)
@@ -107,13 +108,13 @@ def test_jsonl_loads_or_names_the_first_bad_line(lines):
         path = Path(tmp) / "fuzz.jsonl"
         path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
         try:
-            qs = data.load_jsonl(path)
+            qs = loaders.load_jsonl(path)
         except InputError as exc:
             _assert_names_file_and_line(exc, path, len(lines))
             if exc.line is not None:  # the lines before the one named are fine on their own
                 path.write_text("\n".join(lines[:exc.line - 1]) + "\n", encoding="utf-8", errors="surrogatepass")
                 try:
-                    data.load_jsonl(path)
+                    loaders.load_jsonl(path)
                 except InputError as before:
                     assert "empty file" in str(before), (exc, before)
             return
@@ -127,7 +128,7 @@ def test_jsonl_pathological_lines_are_input_errors(tmp_path, line):
     path = tmp_path / "bad.jsonl"
     path.write_text(line + "\n")
     with pytest.raises(InputError, match=r"bad\.jsonl:1"):
-        data.load_jsonl(path)
+        loaders.load_jsonl(path)
 
 
 # ============================================================================ fusion maths
@@ -357,7 +358,7 @@ def test_request_parser_known_cases():
 @pytest.fixture(scope="module")
 def dead_app():
     """The endpoint over one expert at a closed port: every accepted request ends as "all experts failed"."""
-    from moe2lib.servers import free_port
+    from moe2lib.serve.servers import free_port
 
     coord = Coordinator([ExpertClient(f"http://127.0.0.1:{free_port()}", "gone")], timeout=2)
     return make_app(coord, LIMITS)

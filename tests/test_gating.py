@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from moe2lib import evaluation, gating
+from moe2lib.analysis import evaluation
+from moe2lib.core import gating
 from moe2lib.errors import InputError
 
 FAST = dict(hidden=(32, 16), lr=1e-2, max_epochs=25, patience=8, seed=0)

@@ -12,8 +12,9 @@ missing llama q/k row permutation fails the first check (seen: max |Δp| 0.49).
 import numpy as np
 import pytest
 
-from moe2lib import data, experts, lora, models
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.models import experts, lora, registry
 
 pytestmark = pytest.mark.slow
 MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
@@ -25,7 +26,7 @@ def random_peft_adapter(name: str, out_dir, std: float = 0.1, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(models.hf_model_dir(name), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(registry.hf_model_dir(name), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     with torch.no_grad():
@@ -38,8 +39,8 @@ def random_peft_adapter(name: str, out_dir, std: float = 0.1, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def prompts():
-    qs = data.load_mmlu("test")
-    return [data.format_prompt(qs[i]) for i in data.stratified_sample(qs, 8, seed=3)]
+    qs = loaders.load_mmlu("test")
+    return [loaders.format_prompt(qs[i]) for i in loaders.stratified_sample(qs, 8, seed=3)]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -47,7 +48,7 @@ def exported(request, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(name)
     peft_dir = random_peft_adapter(name, root / "peft")
-    gguf_path = lora.export_gguf(peft_dir, models.locate(name, "llm"), root / f"{name}.gguf")
+    gguf_path = lora.export_gguf(peft_dir, registry.locate(name, "llm"), root / f"{name}.gguf")
     return name, peft_dir, gguf_path
 
 
@@ -65,7 +66,7 @@ def test_export_header_and_shapes(exported):
     assert len(shapes) == n_layer * 4 * 2
     assert shapes["blk.0.attn_q.weight.lora_a"] == [hidden, 8]  # ne order: [in, r]
     assert shapes["blk.0.attn_output.weight.lora_b"] == [8, hidden]  # [r, out]
-    info = lora.check_adapter(path, models.locate(name, "llm"))
+    info = lora.check_adapter(path, registry.locate(name, "llm"))
     assert info["ranks"] == [8] and info["modules"] == ["attn_k", "attn_output", "attn_q", "attn_v"]
 
 
@@ -108,7 +109,7 @@ def _write_adapter(path, arch, tensors, general_type="adapter"):
 
 
 def test_bad_adapters_raise_input_error_naming_the_file(tmp_path):
-    smol, gemma = models.locate("smollm2-135m-instruct", "llm"), models.locate("gemma3-270m", "llm")
+    smol, gemma = registry.locate("smollm2-135m-instruct", "llm"), registry.locate("gemma3-270m", "llm")
     a, b = np.zeros((8, 576), np.float32), np.zeros((576, 8), np.float32)
     good = _write_adapter(tmp_path / "good.gguf", "llama", {"blk.0.attn_q.weight.lora_a": a,
                                                             "blk.0.attn_q.weight.lora_b": b})

@@ -16,8 +16,10 @@ import os
 import numpy as np
 import pytest
 
-from moe2lib import data, experts, lora, models
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.infra.cache import cache_dir
+from moe2lib.models import experts, lora, registry
 
 pytestmark = pytest.mark.slow
 MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
@@ -32,7 +34,7 @@ def peft_adapter(name, out_dir, seed=0):
 def cache(tmp_path_factory):
     """MOE2_CACHE in a temporary folder whose entries link to the real cache's (re-encoded and assembled
     models), so the merged files land in the temporary folder."""
-    real, tmp = models.cache_dir(), tmp_path_factory.mktemp("cache")
+    real, tmp = cache_dir(), tmp_path_factory.mktemp("cache")
     for sub in ("models", "gguf_info"):
         (real / sub).mkdir(exist_ok=True)
     for entry in real.iterdir():
@@ -47,13 +49,13 @@ def cache(tmp_path_factory):
 def adapter(request, cache, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    return name, lora.export_gguf(peft_adapter(name, root / "peft"), models.locate(name, "llm"), root / "a.gguf")
+    return name, lora.export_gguf(peft_adapter(name, root / "peft"), registry.locate(name, "llm"), root / "a.gguf")
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    qs = data.load_mmlu("test")
-    return [data.format_prompt(qs[i]) for i in data.stratified_sample(qs, 8, seed=3)]
+    qs = loaders.load_mmlu("test")
+    return [loaders.format_prompt(qs[i]) for i in loaders.stratified_sample(qs, 8, seed=3)]
 
 
 def next_token_probs(expert, prompts) -> np.ndarray:
@@ -85,7 +87,7 @@ def test_merge_is_cached_and_keyed_by_adapter_content(adapter, cache, tmp_path):
     assert first == lora.merged_path(path, name) and first.is_relative_to(cache)
     stamp = first.stat().st_mtime_ns
     assert lora.merge_gguf(path, name) == first and first.stat().st_mtime_ns == stamp  # not rewritten
-    other = lora.export_gguf(peft_adapter(name, tmp_path / "peft", seed=1), models.locate(name, "llm"),
+    other = lora.export_gguf(peft_adapter(name, tmp_path / "peft", seed=1), registry.locate(name, "llm"),
                              tmp_path / "b.gguf")
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(path.read_bytes())
@@ -97,7 +99,7 @@ def test_metadata_and_tokenizer_preserved(adapter, prompts):
     import llama_cpp
 
     name, path = adapter
-    merged, base = lora.merge_gguf(path, name), models.requantized(name, lora.MERGE_DTYPE)
+    merged, base = lora.merge_gguf(path, name), registry.requantized(name, lora.MERGE_DTYPE)
     t_merged, t_base = lora.gguf_tensors(merged), lora.gguf_tensors(base)
     assert list(t_merged.items()) == list(t_base.items())  # names, types, shapes, order, offsets
     adapted = {n.rsplit(".", 1)[0] for n in lora.gguf_tensors(path)}
@@ -108,7 +110,7 @@ def test_metadata_and_tokenizer_preserved(adapter, prompts):
     assert sorted(changed) == sorted(adapted)
     assert experts.gguf_metadata(str(merged)) == experts.gguf_metadata(str(base))
     vocabs = [llama_cpp.Llama(model_path=str(f), vocab_only=True, verbose=False)
-              for f in (merged, models.locate(name, "llm"))]
+              for f in (merged, registry.locate(name, "llm"))]
     try:
         for prompt in prompts:
             ids = [v.tokenize(prompt.encode(), add_bos=True, special=False) for v in vocabs]

@@ -4,12 +4,13 @@ of it (scoring experts, training experts) give the same files as one process doe
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-
-from moe2lib import parallel, scoring
-from moe2lib.errors import InputError
-
 from test_finetune import arc_items, tuner
 from test_scoring import HashExpert, _questions
+
+from moe2lib.core.scores import Scores
+from moe2lib.errors import InputError
+from moe2lib.infra import parallel
+from moe2lib.models import scoring
 
 
 def test_run_keeps_order_and_matches_serial():
@@ -35,15 +36,16 @@ def test_scoring_experts_in_processes_gives_the_serial_file(tmp_path):
     np.testing.assert_array_equal(both.probs, serial.probs)
     assert both.experts.tolist() == ["a", "b", "c"]
     assert not (tmp_path / "p.npz.experts").exists()
-    np.testing.assert_array_equal(scoring.Scores.load(tmp_path / "p.npz").probs, serial.probs)
+    np.testing.assert_array_equal(Scores.load(tmp_path / "p.npz").probs, serial.probs)
 
 
 @pytest.mark.slow
 def test_fit_all_in_processes_trains_the_serial_adapters(tmp_path):
-    from moe2lib import data, finetune
+    from moe2lib.data import loaders
+    from moe2lib.models import finetune
 
-    root = data.resolve_data_dir(None, "arc")
-    qs = data.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl", "arc_easy")
+    root = loaders.resolve_data_dir(None, "arc")
+    qs = loaders.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl", "arc_easy")
     short = [q for q in qs if len(q.question) < 120 and max(len(c) for c in q.choices) < 25]
     a, b = arc_items(short[:8]), arc_items(short[8:16])
     kw = dict(target="text", max_steps=2, seed=3)

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from moe2lib import artifacts, pipeline
 from moe2lib.errors import InputError
+from moe2lib.infra import artifacts
+from moe2lib.pipeline import runner
 
 
 def _cfg(tmp_path, text):
@@ -16,10 +17,10 @@ def _cfg(tmp_path, text):
 
 
 def test_profiles_load_and_match_their_notebooks():
-    for profile in pipeline.PROFILES:
-        cfg, path = pipeline.load_config(profile)
-        for stage in pipeline.STAGES.values():
-            params = pipeline.stage_params(cfg, path, stage, profile, pipeline.out_root(profile))
+    for profile in runner.PROFILES:
+        cfg, path = runner.load_config(profile)
+        for stage in runner.STAGES.values():
+            params = runner.stage_params(cfg, path, stage, profile, runner.out_root(profile))
             assert params["profile"] == profile and params["seed"] == cfg["seed"]
 
 
@@ -33,9 +34,9 @@ def test_profiles_load_and_match_their_notebooks():
 def test_bad_profiles_name_file_and_key(tmp_path, text, message):
     path = _cfg(tmp_path, text)
     with pytest.raises(InputError, match=message):
-        cfg, _ = pipeline.load_config(str(path))
-        for stage in pipeline.STAGES.values():
-            pipeline.stage_params(cfg, path, stage, "p", tmp_path)
+        cfg, _ = runner.load_config(str(path))
+        for stage in runner.STAGES.values():
+            runner.stage_params(cfg, path, stage, "p", tmp_path)
 
 
 def test_cli_help_lists_commands():
@@ -71,9 +72,9 @@ def test_smoke_pipeline_runs_then_skips(smoke_run):
     assert gating["n_test"] + gating["n_train"] == 48 and "moe2-single_agent" in gating["differences"]
     assert len(list((art / "tables").glob("*.csv"))) == 6 and (art / "tables" / "tables.md").exists()
     assert (art / "fusion" / "trace.json").exists()
-    for stage in pipeline.STAGES:
+    for stage in runner.STAGES:
         assert artifacts.read_meta(art / stage)["pipeline"]["profile"] == "smoke"
-    again = pipeline.reproduce("smoke", out=tmp_path, log=logs.append)
+    again = runner.reproduce("smoke", out=tmp_path, log=logs.append)
     assert set(again.values()) == {"skipped"}
 
 
@@ -87,10 +88,10 @@ def test_unparsable_parameter_line_is_an_error(tmp_path):
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     with pytest.raises(InputError, match=r"nb\.ipynb.*'rank'.*line 2 "):
-        pipeline.notebook_parameters(pipeline.Stage("x", str(path)))
+        runner.notebook_parameters(runner.Stage("x", str(path)))
     nb.cells[0].source = "seed = 0   # fine\nrank = 8   # alpha over r is 2\n"
     nbformat.write(nb, path)
-    assert pipeline.notebook_parameters(pipeline.Stage("x", str(path))) == {"seed": 0, "rank": 8}
+    assert runner.notebook_parameters(runner.Stage("x", str(path))) == {"seed": 0, "rank": 8}
 
 
 def _deterministic(value):
@@ -110,7 +111,7 @@ def test_same_seed_gives_identical_metrics(smoke_run, tmp_path):
     which vary between runs; the emulated paper-testbed tables depend on the catalogue only.
     """
     first = smoke_run[0] / "artifacts"
-    pipeline.reproduce("smoke", out=tmp_path, stages=[s for s in pipeline.STAGES if s != "fusion"], log=print)
+    runner.reproduce("smoke", out=tmp_path, stages=[s for s in runner.STAGES if s != "fusion"], log=print)
     second = tmp_path / "artifacts"
     for stage in ("base_models", "clustering", "experts", "scoring", "gating"):
         a, b = (json.loads((d / stage / "metrics.json").read_text()) for d in (first, second))
@@ -152,24 +153,26 @@ artifacts_dir = "../artifacts"    # where the stage writes
 figures_dir = "../figures"        # unused
 '''
 PROBE_CODE = '''\
-from moe2lib import data, smo, stages
+from moe2lib.core import smo
+from moe2lib.data import loaders
+from moe2lib.pipeline import stages
 stages.STAGES["probe"] = stages.Stage("probe", "probe.ipynb")
 run = stages.StageRun("probe", globals())
-print(len(data.load_jsonl(data_file)), smo.__name__)
+print(len(loaders.load_jsonl(data_file)), smo.__name__)
 run.finish()
 '''
 PROBE_DRIVER = '''\
 import json
 from pathlib import Path
 
-from moe2lib import pipeline
+from moe2lib.pipeline import runner
 
-pipeline.STAGES["probe"] = pipeline.Stage("probe", "probe.ipynb")
+runner.STAGES["probe"] = runner.Stage("probe", "probe.ipynb")
 outcomes = []
 
 
 def reproduce():
-    outcomes.append(pipeline.reproduce("probe.yaml", stages=["probe"], out=Path("run").resolve(), log=print)["probe"])
+    outcomes.append(runner.reproduce("probe.yaml", stages=["probe"], out=Path("run").resolve(), log=print)["probe"])
 
 
 def append(path, text):
@@ -178,9 +181,9 @@ def append(path, text):
 
 
 reproduce()
-append("moe2lib/coordinator.py", "# an edit of a module the stage never imported\\n")
+append("moe2lib/serve/coordinator.py", "# an edit of a module the stage never imported\\n")
 reproduce()
-append("moe2lib/smo.py", "# an edit of a module the stage imported\\n")
+append("moe2lib/core/smo.py", "# an edit of a module the stage imported\\n")
 reproduce()
 append("questions.jsonl", '{"query": "2 + 2 =", "choices": ["4", "5"], "gold": 0}\\n')
 reproduce()
@@ -217,9 +220,9 @@ def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
     meta = artifacts.read_meta(repo / "run" / "artifacts" / "probe")
     assert meta["params"] == {"seed": 0, "data_file": str(questions)}
     library = meta["uses"]["library"]
-    assert {"moe2lib/smo.py", "moe2lib/data.py", "moe2lib/stages.py"} <= set(library)
-    assert not {"moe2lib/coordinator.py", "moe2lib/fusion.py", "moe2lib/pipeline.py"} & set(library)
-    assert library["moe2lib/smo.py"] == artifacts.file_sha256(repo / "moe2lib" / "smo.py")
+    assert {"moe2lib/core/smo.py", "moe2lib/data/loaders.py", "moe2lib/pipeline/stages.py"} <= set(library)
+    assert not {"moe2lib/serve/coordinator.py", "moe2lib/core/fusion.py", "moe2lib/pipeline/runner.py"} & set(library)
+    assert library["moe2lib/core/smo.py"] == artifacts.file_sha256(repo / "moe2lib" / "core" / "smo.py")
     assert meta["uses"]["data"] == {"questions.jsonl": artifacts.file_sha256(questions)}  # inside that repo
     parts = {"params": meta["params"], "notebook": meta["pipeline"]["notebook_sha256"], **meta["uses"],
              "upstream": meta["pipeline"]["upstream"]}
@@ -228,10 +231,10 @@ def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
 
 def test_workers_report_the_modules_they_imported(tmp_path):
     """A module imported only inside a worker process is in the stage's record of the library it used."""
-    code = ("import sys; from moe2lib import parallel, stages; "
-            "parallel.run(exec, [('import moe2lib.energy',), ('pass',)], workers=2); "
-            "print('moe2lib.energy' in sys.modules, 'moe2lib.energy' in parallel.worker_modules(), "
-            "'moe2lib/energy.py' in stages.recorded_uses()['library'])")
+    code = ("import sys; from moe2lib.infra import parallel; from moe2lib.pipeline import stages; "
+            "parallel.run(exec, [('import moe2lib.models.energy',), ('pass',)], workers=2); "
+            "print('moe2lib.models.energy' in sys.modules, 'moe2lib.models.energy' in parallel.worker_modules(), "
+            "'moe2lib/models/energy.py' in stages.recorded_uses()['library'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(artifacts.REPO_ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]

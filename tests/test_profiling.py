@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-
-from moe2lib import costmodel, devices, profiling
-from moe2lib.experts import ExpertSpec, write_registry
-from moe2lib.errors import InputError
 from test_costmodel import COST, synthetic
+
+from moe2lib.core import costmodel, devices
+from moe2lib.errors import InputError
+from moe2lib.models import profiling
+from moe2lib.models.experts import ExpertSpec, write_registry
 
 
 def test_paper_testbed_emulation_orders_devices_and_models():
@@ -59,16 +60,17 @@ def test_experts_sharing_base_and_rank_are_measured_once():
 
 
 def test_gguf_cost_reads_the_packaged_model():
-    from moe2lib import models
-    c = profiling.gguf_cost(models.locate("smollm2-135m-instruct", "llm"))
+    from moe2lib.models import registry
+    c = profiling.gguf_cost(registry.locate("smollm2-135m-instruct", "llm"))
     assert c.params == pytest.approx(134.5e6, rel=0.01) and 0.5 < c.weight_bytes / c.params < 1.0  # ~4-5 bit
     assert c.n_layer == 30 and c.attn_width == 576
 
 
 @pytest.mark.slow
 def test_real_measurement_prefill_grows_with_prompt_length():
-    from moe2lib import data, energy
-    texts = [data.format_prompt(q) for q in data.load_mmlu("dev")[:20]]
+    from moe2lib.data import loaders
+    from moe2lib.models import energy
+    texts = [loaders.format_prompt(q) for q in loaders.load_mmlu("dev")[:20]]
     meter = energy.make_meter("estimate", power_watts=8.0, how="test")
     records, cost = profiling.measure("smollm2-135m-instruct", None, [8, 128], texts, repetitions=1,
                                       decode_tokens=1, meter=meter, n_threads=1)
@@ -104,8 +106,8 @@ def test_build_profiles_paper_testbed_uses_registry_devices_and_names_bad_input(
 
 
 def test_modelled_energy_of_a_metered_expert_is_labelled_estimated():
-    from moe2lib import devices
-    from moe2lib.experts import ExpertSpec
+    from moe2lib.core import devices
+    from moe2lib.models.experts import ExpertSpec
 
     F, B, c = 5e10, 1e10, 2e-3
     kind, L, t, _ = synthetic(F, B, c)
@@ -124,8 +126,8 @@ def test_modelled_energy_of_a_metered_expert_is_labelled_estimated():
 def test_fit_figure_draws_without_a_held_out_error():
     import matplotlib
     matplotlib.use("Agg")
-    from moe2lib import devices
-    from moe2lib.experts import ExpertSpec
+    from moe2lib.core import devices
+    from moe2lib.models.experts import ExpertSpec
 
     kind, L, t, _ = synthetic(5e10, 1e10, 2e-3, lengths=(16, 64))
     records = [dict(prompt_tokens=int(L[i]), repetition=0, prefill_s=float(t[i]), decode_s=float(t[2 + i]),

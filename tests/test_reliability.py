@@ -19,8 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe2lib import artifacts, data, experts, pipeline, scoring
+from moe2lib.core.scores import Scores
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.infra import artifacts
+from moe2lib.models import experts, scoring
+from moe2lib.pipeline import runner
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -144,12 +148,12 @@ def _results(folder: Path) -> list[str]:
 N_SCORED = 8
 
 
-def short_questions(split: str, n: int) -> list[data.Question]:
+def short_questions(split: str, n: int) -> list[loaders.Question]:
     """The ``n`` questions of a split with the shortest prompts: fast to score and to train on."""
-    return sorted(data.load_mmlu(split), key=lambda q: len(data.format_prompt(q)))[:n]
+    return sorted(loaders.load_mmlu(split), key=lambda q: len(loaders.format_prompt(q)))[:n]
 
 
-def score_short(out_path, expert=None) -> scoring.Scores:
+def score_short(out_path, expert=None) -> Scores:
     """Score the shortest MMLU test questions with SmolLM2, checkpointing every 2 questions."""
     expert = expert or experts.make_expert(MODEL, n_threads=1, weights="F16")
     return scoring.score_questions(short_questions("test", N_SCORED), [expert], out_path, chunk=2, progress=False)
@@ -173,11 +177,11 @@ def test_scoring_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
     real = expert.choice_probs
     expert.choice_probs = lambda prompts, c: (asked.extend(prompts), real(prompts, c))[1]
     resumed = score_short(out, expert)
-    prompts = [data.format_prompt(q) for q in short_questions("test", N_SCORED)]
+    prompts = [loaders.format_prompt(q) for q in short_questions("test", N_SCORED)]
     assert asked == prompts[done:]  # the checkpoint's rows were not scored again
     assert not part.exists()
 
-    loaded = scoring.Scores.load(out)
+    loaded = Scores.load(out)
     for key in ("probs", "n_tokens", "answer", "qid", "experts"):
         np.testing.assert_array_equal(getattr(loaded, key), getattr(clean, key), err_msg=key)
         np.testing.assert_array_equal(getattr(resumed, key), getattr(clean, key), err_msg=key)
@@ -186,7 +190,7 @@ def test_scoring_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- (b) LoRA fine-tuning
 
 def tuner():
-    from moe2lib.finetune import LoraFineTuner
+    from moe2lib.models.finetune import LoraFineTuner
 
     return LoraFineTuner(MODEL, batch_size=1, max_steps=2, lr=1e-3, warmup_ratio=0.0, seed=0, n_threads=1,
                          progress=False)
@@ -194,7 +198,7 @@ def tuner():
 
 def train_two(root) -> list:
     """Fine-tune experts e0 and e1 (2 short MMLU dev questions each, 2 steps of one) into ``root``."""
-    from moe2lib.finetune import fit_saved
+    from moe2lib.models.finetune import fit_saved
 
     qs = short_questions("dev", 4)
     return [fit_saved(tuner(), part, Path(root) / name) for name, part in (("e0", qs[:2]), ("e1", qs[2:]))]
@@ -254,14 +258,14 @@ base_models: {letter_mmlu: false, workers: 1}   # one process: the kill lands in
 
 
 def reproduce_base_models(cfg, out):
-    return pipeline.reproduce(str(cfg), stages=["base_models"], out=Path(out), log=print)
+    return runner.reproduce(str(cfg), stages=["base_models"], out=Path(out), log=print)
 
 
 @pytest.mark.slow
 def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
     """The smoke profile's base_models stage on 8 questions, killed once its first model's scores are saved."""
     # the up-to-date check below must not see edits made meanwhile: it compares the hashes as recorded
-    monkeypatch.setattr(pipeline, "uses_now", lambda meta: meta.get("uses"))
+    monkeypatch.setattr(runner, "uses_now", lambda meta: meta.get("uses"))
     cfg = tmp_path / "smoke_small.yaml"
     cfg.write_text(SMALL_SMOKE)
     out = tmp_path / "run"
@@ -277,7 +281,7 @@ def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
     assert _results(stage) == ["scores.npz.partial/expert0.npz", "scores.npz.partial/manifest.json"]
 
     logs = []
-    assert pipeline.reproduce(str(cfg), stages=["base_models"], out=out, log=logs.append) == {"base_models": "ran"}
+    assert runner.reproduce(str(cfg), stages=["base_models"], out=out, log=logs.append) == {"base_models": "ran"}
     executed = (stage / "01_base_models.ipynb").read_text()
     assert "resuming from the checkpoint" in executed and "8 of 16 scores already done" in executed
     assert not part.exists()
@@ -285,13 +289,13 @@ def test_stage_killed_mid_way_is_incomplete_and_resumes(tmp_path, monkeypatch):
 
     ref_stage = ref / "artifacts" / "base_models"
     assert _results(stage) == _results(ref_stage)
-    a, b = (scoring.Scores.load(d / "scores.npz") for d in (stage, ref_stage))
+    a, b = (Scores.load(d / "scores.npz") for d in (stage, ref_stage))
     for key in ("probs", "n_tokens", "answer", "qid", "experts", "n_choices"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
     assert json.loads((stage / "metrics.json").read_text()) == json.loads((ref_stage / "metrics.json").read_text())
     meta, ref_meta = artifacts.read_meta(stage), artifacts.read_meta(ref_stage)
     assert meta["pipeline"]["key"] == ref_meta["pipeline"]["key"] and meta["params"] == ref_meta["params"]
-    assert pipeline.reproduce(str(cfg), stages=["base_models"], out=out, log=logs.append) == {"base_models": "skipped"}
+    assert runner.reproduce(str(cfg), stages=["base_models"], out=out, log=logs.append) == {"base_models": "skipped"}
 
 
 # --------------------------------------------------------------------------- validation: config files
@@ -301,9 +305,9 @@ def _stage_errors(tmp_path, text):
     path = tmp_path / "p.yaml"
     path.write_text(text)
     try:
-        cfg, _ = pipeline.load_config(str(path))
-        for stage in pipeline.STAGES.values():
-            pipeline.stage_params(cfg, path, stage, "p", tmp_path)
+        cfg, _ = runner.load_config(str(path))
+        for stage in runner.STAGES.values():
+            runner.stage_params(cfg, path, stage, "p", tmp_path)
     except InputError as exc:
         return exc
     return None
@@ -368,13 +372,13 @@ def test_config_values_the_types_allow_are_accepted(tmp_path, monkeypatch):
         gating: {{hidden: [64], embedding_model: all-minilm-l6-v2}}
         """)
     assert _stage_errors(tmp_path, text) is None
-    cfg, path = pipeline.load_config(str(tmp_path / "p.yaml"))
-    params = pipeline.stage_params(cfg, path, pipeline.STAGES["tables"], "p", tmp_path)
+    cfg, path = runner.load_config(str(tmp_path / "p.yaml"))
+    params = runner.stage_params(cfg, path, runner.STAGES["tables"], "p", tmp_path)
     assert params["delay_budgets"] == [1, 2.5, None]
 
 
 def test_type_rules_follow_the_notebook_default():
-    check = pipeline.type_mismatch
+    check = runner.type_mismatch
     assert check(3, 1.0) is None and check(True, False) is None and check("x", None) is None
     assert check([1], None) is None and check({"a": 1}, {}) is None
     assert "expected float" in check("3", 1.0) and "expected int" in check(1.0, 1)
@@ -385,9 +389,9 @@ def test_type_rules_follow_the_notebook_default():
 def test_yaml_line_finds_nested_keys_and_items(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("a: 1\nb:\n  c: [1,\n    2]\n  d:\n    - x\n    - y\n")
-    assert pipeline.yaml_line(path, "a") == 1 and pipeline.yaml_line(path, "b", "c") == 3
-    assert pipeline.yaml_line(path, "b", "c", 1) == 4 and pipeline.yaml_line(path, "b", "d", 1) == 7
-    assert pipeline.yaml_line(path, "b", "nope") == 2 and pipeline.yaml_line(tmp_path / "missing.yaml", "a") is None
+    assert runner.yaml_line(path, "a") == 1 and runner.yaml_line(path, "b", "c") == 3
+    assert runner.yaml_line(path, "b", "c", 1) == 4 and runner.yaml_line(path, "b", "d", 1) == 7
+    assert runner.yaml_line(path, "b", "nope") == 2 and runner.yaml_line(tmp_path / "missing.yaml", "a") is None
 
 
 # --------------------------------------------------------------------------- validation: data files
@@ -397,12 +401,12 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
     folder.mkdir(parents=True)
     (folder / "toy_test.csv").write_bytes(b"q1,a,b,c,d,A\nq2,a,b,c,d,B\n\"q3\nstill q3 \xff\",a,b,c,d,C\n")
     with pytest.raises(InputError, match="not UTF-8") as err:
-        data.load_mmlu("test", tmp_path)
+        loaders.load_mmlu("test", tmp_path)
     assert err.value.line == 4 and "toy_test.csv:4" in str(err.value)
     bad = tmp_path / "set.jsonl"
     bad.write_bytes(b'{"query": "ok", "choices": ["x", "y"], "gold": 1}\n\n{"query": "\xe9t\xe9"}\n')
     with pytest.raises(InputError, match="not UTF-8") as err:
-        data.load_jsonl(bad)
+        loaders.load_jsonl(bad)
     assert "set.jsonl:3" in str(err.value)
 
 
@@ -431,14 +435,14 @@ def _scores_file(tmp_path, **over):
 def test_bad_score_files_name_file_and_array(tmp_path, over, param, message):
     path = _scores_file(tmp_path, **over)
     with pytest.raises(InputError) as err:
-        scoring.Scores.load(path)
+        Scores.load(path)
     assert err.value.path == str(path) and err.value.param == param
     assert message in str(err.value) and str(err.value).startswith(f"{path}, parameter '{param}'")
-    assert scoring.Scores.load(_scores_file(tmp_path))  # the same file without the fault loads
+    assert Scores.load(_scores_file(tmp_path))  # the same file without the fault loads
 
 
 def test_saving_refuses_repeated_qids(tmp_path):
-    s = scoring.Scores.load(_scores_file(tmp_path))
+    s = Scores.load(_scores_file(tmp_path))
     with pytest.raises(InputError, match="qid must be distinct"):
         s.subset([0, 1, 1]).save(tmp_path / "twice.npz")
     assert not (tmp_path / "twice.npz").exists()

@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from moe2lib import artifacts, fusion, report
+from moe2lib.core import fusion
 from moe2lib.errors import InputError
+from moe2lib.infra import artifacts
+from moe2lib.pipeline import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -107,15 +109,16 @@ def test_committed_figures_and_tables_are_redrawn_byte_for_byte(tmp_path):
 
 
 def test_each_notebook_draws_the_figures_the_command_draws():
-    """Every stage notebook calls exactly the moe2lib.figures functions that `figures` calls for its stage."""
+    """Every stage notebook calls exactly the moe2lib.analysis.figures functions that `figures` calls for its stage."""
     import re
 
-    from moe2lib import figures, pipeline
+    from moe2lib.analysis import figures
+    from moe2lib.pipeline import runner
 
-    for name, stage in pipeline.STAGES.items():
-        nb = json.loads((pipeline.NOTEBOOKS / stage.notebook).read_text(encoding="utf-8"))
+    for name, stage in runner.STAGES.items():
+        nb = json.loads((runner.NOTEBOOKS / stage.notebook).read_text(encoding="utf-8"))
         code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
         called = set(re.findall(r"run\.figure\(figures\.(\w+)", code))
         drawn = {draw.__name__ for draw, _ in figures.of_stage(name, artifacts.REPO_ROOT / "artifacts")}
         assert called == drawn, name
-        assert "_figure(" not in code, f"{name} draws a figure other than through moe2lib.figures"
+        assert "_figure(" not in code, f"{name} draws a figure other than through moe2lib.analysis.figures"

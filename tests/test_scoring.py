@@ -3,8 +3,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from moe2lib import data, experts, scoring
+from moe2lib.core.scores import Scores, letter_bias, subject_accuracy, validate
+from moe2lib.data import loaders
 from moe2lib.errors import InputError
+from moe2lib.models import experts, scoring
 
 
 class HashExpert(experts.Expert):
@@ -29,7 +31,7 @@ class HashExpert(experts.Expert):
 
 def _questions(n=40):
     subjects = ["algebra", "anatomy", "law"]
-    return [data.Question(question=f"q{i}?", choices=("w", "x", "y", "z"), answer=i % 4,
+    return [loaders.Question(question=f"q{i}?", choices=("w", "x", "y", "z"), answer=i % 4,
                           subject=subjects[i % 3], source=f"t.csv:{i + 1}") for i in range(n)]
 
 
@@ -46,7 +48,7 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path):
     assert a.prompts_seen == 0 and b.prompts_seen == 40 - 16  # only what was missing
     np.testing.assert_array_equal(resumed.probs, clean.probs)
     assert not (tmp_path / "s.npz.partial").exists()
-    loaded = scoring.Scores.load(out)
+    loaded = Scores.load(out)
     np.testing.assert_array_equal(loaded.probs, clean.probs)
     assert loaded.experts.tolist() == ["a", "b"] and loaded.qid[3] == "t.csv:4"
 
@@ -83,7 +85,7 @@ def _scores(**over):
     base = dict(probs=probs, answer=np.array([0, 1, 2]), subject=np.array(["a", "a", "b"]),
                 qid=np.array(["1", "2", "3"]), n_tokens=np.ones((3, 2), np.int32), experts=np.array(["x", "y"]))
     base.update(over)
-    return scoring.Scores(**base)
+    return Scores(**base)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -95,35 +97,35 @@ def test_bad_probabilities_are_named(tmp_path, change, message):
     s = _scores()
     change(s.probs)
     path = tmp_path / "bad.npz"
-    from moe2lib import artifacts
+    from moe2lib.infra import artifacts
     artifacts.write_npz(path, probs=s.probs, answer=s.answer, subject=s.subject, qid=s.qid,
                         n_tokens=s.n_tokens, experts=s.experts)
     with pytest.raises(InputError, match=message) as err:
-        scoring.Scores.load(path)
+        Scores.load(path)
     assert "bad.npz" in str(err.value)
 
 
 def test_shape_mismatch_is_named():
     with pytest.raises(InputError, match="answer has shape"):
-        scoring.validate(_scores(answer=np.array([0, 1])))
+        validate(_scores(answer=np.array([0, 1])))
 
 
 def test_subject_accuracy_and_letter_bias_known_answers():
     probs = np.zeros((4, 1, 4), np.float32)
     probs[[0, 1, 2, 3], 0, [0, 0, 0, 3]] = 1  # picks A, A, A, D
-    s = scoring.Scores(probs, np.array([0, 1, 0, 3]), np.array(["m", "m", "p", "p"]), np.array(list("1234")),
+    s = Scores(probs, np.array([0, 1, 0, 3]), np.array(["m", "m", "p", "p"]), np.array(list("1234")),
                        np.ones((4, 1), np.int32), np.array(["e"]))
-    subjects, acc, counts = scoring.subject_accuracy(s)
+    subjects, acc, counts = subject_accuracy(s)
     assert subjects.tolist() == ["m", "p"] and counts.tolist() == [2, 2]
     np.testing.assert_allclose(acc, [[0.5, 1.0]])
-    chosen, gold = scoring.letter_bias(s)
+    chosen, gold = letter_bias(s)
     np.testing.assert_allclose(chosen, [[0.75, 0, 0, 0.25]])
     np.testing.assert_allclose(gold, [0.5, 0.25, 0, 0.25])
 
 
 def test_real_model_scores_mmlu(tmp_path):
-    questions = data.load_mmlu("test")
-    sample = [questions[i] for i in data.stratified_sample(questions, 24, seed=0)]
+    questions = loaders.load_mmlu("test")
+    sample = [questions[i] for i in loaders.stratified_sample(questions, 24, seed=0)]
     e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
     s = scoring.score_questions(sample, [e], tmp_path / "real.npz", progress=False)
     assert s.probs.shape == (24, 1, 4) and s.experts.tolist() == ["smollm2-135m-instruct"]

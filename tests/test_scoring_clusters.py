@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from moe2lib import scoring
+from moe2lib.core.scores import Scores, align, cluster_accuracy, concat_experts, lookup_clusters, own_cluster_accuracy
 from moe2lib.errors import InputError
+from moe2lib.models import scoring
 
 
 def _scores(picks, answer, experts, qid=None):
@@ -14,7 +15,7 @@ def _scores(picks, answer, experts, qid=None):
         for j in range(k):
             probs[i, j, picks[i, j]] = 0.7
     qid = np.array(qid if qid is not None else [f"q.csv:{i}" for i in range(n)])
-    return scoring.Scores(probs, np.asarray(answer), np.array(["s"] * n), qid,
+    return Scores(probs, np.asarray(answer), np.array(["s"] * n), qid,
                           np.ones((n, k), np.int32), np.array(experts))
 
 
@@ -26,40 +27,40 @@ CLUSTERS = [0, 0, 1, 1, 2, 2]
 def test_cluster_accuracy_known_answer():
     # expert e0 right on questions 0,1,2; expert e1 right on 4,5
     s = _scores([[0, 1], [0, 1], [0, 1], [1, 1], [1, 0], [1, 0]], ANSWER, ["e0", "e1"])
-    acc, counts = scoring.cluster_accuracy(s, CLUSTERS, 4)
+    acc, counts = cluster_accuracy(s, CLUSTERS, 4)
     assert counts.tolist() == [2, 2, 2, 0]
     assert np.allclose(acc[:, :3], [[1, 0.5, 0], [0, 0, 1]]) and np.isnan(acc[:, 3]).all()
-    own, other = scoring.own_cluster_accuracy(s, CLUSTERS, [0, 2])
+    own, other = own_cluster_accuracy(s, CLUSTERS, [0, 2])
     assert np.allclose(own, [1.0, 1.0]) and np.allclose(other, [0.25, 0.0])
-    own, other = scoring.own_cluster_accuracy(s, CLUSTERS, [None, -1])
+    own, other = own_cluster_accuracy(s, CLUSTERS, [None, -1])
     assert np.isnan(own).all() and np.isnan(other).all()
     with pytest.raises(InputError, match="0..1"):
-        scoring.cluster_accuracy(s, CLUSTERS, 2)
+        cluster_accuracy(s, CLUSTERS, 2)
 
 
 def test_align_and_lookup_by_qid():
     s = _scores([[0], [1], [2]], [0, 1, 1], ["e"], qid=["a:1", "b:2", "c:3"])
-    r = scoring.align(s, ["c:3", "a:1", "b:2"])
+    r = align(s, ["c:3", "a:1", "b:2"])
     assert r.qid.tolist() == ["c:3", "a:1", "b:2"] and r.answer.tolist() == [1, 0, 1]
     assert r.probs[:, 0].argmax(-1).tolist() == [2, 0, 1]
     with pytest.raises(InputError, match="1 missing") as err:
-        scoring.align(s, ["c:3", "a:1", "z:9"])
+        align(s, ["c:3", "a:1", "z:9"])
     assert err.value.param == "qid"
     with pytest.raises(InputError, match="extra"):
-        scoring.align(s, ["c:3", "a:1"])
-    assert scoring.lookup_clusters(["b:2", "a:1"], ["a:1", "b:2", "c:3"], [5, 6, 7]).tolist() == [6, 5]
+        align(s, ["c:3", "a:1"])
+    assert lookup_clusters(["b:2", "a:1"], ["a:1", "b:2", "c:3"], [5, 6, 7]).tolist() == [6, 5]
     with pytest.raises(InputError, match="no cluster"):
-        scoring.lookup_clusters(["x:1"], ["a:1"], [0])
+        lookup_clusters(["x:1"], ["a:1"], [0])
 
 
 def test_concat_experts_and_base_columns():
     a = _scores([[0], [1]], [0, 1], ["smollm2-135m-instruct"])
     b = _scores([[1, 1], [1, 0]], [0, 1], ["x0", "x1"])
-    both = scoring.concat_experts(a, b)
+    both = concat_experts(a, b)
     assert both.experts.tolist() == ["smollm2-135m-instruct", "x0", "x1"]
     assert np.allclose(both.accuracy(), [1.0, 0.5, 0.0])
     assert scoring.base_columns(both, ["x1", "smollm2-135m-instruct"]).tolist() == [2, 0]
     with pytest.raises(InputError, match="gemma3-270m"):
         scoring.base_columns(a, ["gemma3-270m"])
     with pytest.raises(InputError, match="same questions"):
-        scoring.concat_experts(a, scoring.align(a, a.qid[::-1]))
+        concat_experts(a, align(a, a.qid[::-1]))

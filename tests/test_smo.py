@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe2lib import smo
+from moe2lib.core import smo
 from moe2lib.errors import InputError
 
 try:  # small matmuls are far slower with several BLAS threads on a busy 2-core machine

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from moe2lib import gating, smo, tables
+from moe2lib.analysis import tables
+from moe2lib.core import gating, smo
 from moe2lib.errors import InputError
 
 
@@ -82,8 +83,8 @@ def test_all_subsets_and_rescaling():
 
 
 def test_load_splits_joins_by_qid_and_names_bad_files(tmp_path):
-    from moe2lib import artifacts
-    from moe2lib.scoring import Scores
+    from moe2lib.core.scores import Scores
+    from moe2lib.infra import artifacts
 
     n = 6
     probs = np.full((n, 3, 4), 0.25)
@@ -103,7 +104,7 @@ def test_load_splits_joins_by_qid_and_names_bad_files(tmp_path):
 def test_cell_records_are_json_and_the_heatmap_draws(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    from moe2lib import artifacts
+    from moe2lib.infra import artifacts
 
     table, cells = tables.testbed_table(TRAIN, TEST, DELAY, ENERGY, math.inf, [1.0, 25.0], n_random=3)
     records = tables.cell_records(cells, ["a", "b", "c"])
@@ -130,7 +131,7 @@ def test_answer_energy_scale_keeps_each_budget_among_the_experts_costs():
 
 
 def test_reselection_latency_times_both_events():
-    from moe2lib import smo
+    from moe2lib.core import smo
 
     loss, delay, energy = smo.synthetic_instance(8, 0, n_prompts=50)
     out = tables.reselection_latency(loss, delay, energy, 0.4 * float(energy.sum()), repetitions=5)

@@ -3,15 +3,12 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-
-from moe2lib import tasks
-from moe2lib.data import resolve_data_dir
-from moe2lib.errors import InputError, ResourceUnavailable
-from moe2lib.tasks import ChoiceItem
-
 from conftest import needs_data
 
-
+from moe2lib.data import tasks
+from moe2lib.data.loaders import resolve_data_dir
+from moe2lib.data.tasks import ChoiceItem
+from moe2lib.errors import InputError, ResourceUnavailable
 
 ROWS = {  # rows per file, from SOURCES.md
     "mmlu": 14042, "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "agieval_lsat_ar": 230,

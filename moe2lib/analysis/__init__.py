@@ -1,0 +1,1 @@
+"""Analyses of the artifacts: Fig. 3 and its baselines, Tables II-IV, and every figure."""

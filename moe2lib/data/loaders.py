@@ -1,0 +1,380 @@
+"""Multiple-choice questions: MMLU in its original CSV layout and JSONL sets, prompts, seeded splits.
+
+Every question becomes a :class:`Question`. Bad input (a row with the wrong number of columns, an
+answer outside A–D, an empty question, an empty file, a bad JSON line, bytes that are not UTF-8)
+raises an :class:`~moe2lib.errors.InputError` naming the file and the 1-based line; for a CSV row whose
+quoted fields span several lines, that is the line where the row starts (for bytes that are not UTF-8,
+the line of the first such byte).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import operator
+import os
+import string
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError, ResourceUnavailable
+
+LETTERS = string.ascii_uppercase
+MMLU_SPLITS = ("test", "val", "dev", "auxiliary_train")
+DEFAULT_TEMPLATE = "The following is a multiple choice question about {subject}.\n\n{question}\n{choices}\nAnswer:"
+HOW_TO_GET_MMLU = (
+    "To get MMLU: download https://people.eecs.berkeley.edu/~hendrycks/data.tar, unpack it so that "
+    "<dir>/mmlu/test/abstract_algebra_test.csv exists (rename the unpacked data/ folder to mmlu/), "
+    "then pass data_dir=<dir> or set MOE2_DATA_DIR=<dir>.")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question; ``answer`` indexes ``choices``, ``source`` is ``"<file>:<line>"``."""
+
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    subject: str
+    source: str = ""
+
+    @property
+    def answer_letter(self) -> str:
+        return LETTERS[self.answer]
+
+
+def resolve_data_dir(data_dir=None, need: str = "mmlu") -> Path:
+    """The folder holding ``need`` (a subpath such as ``mmlu`` or ``mmlu/test``).
+
+    Candidates in order: ``data_dir``, ``$MOE2_DATA_DIR``, ``./data``, ``../shared/datasets`` from the
+    working directory, then ``<repo>/data`` and ``<repo>/../shared/datasets`` (the pipeline runs the
+    notebooks inside ``notebooks/``, where ``./data`` is not the repository's). An explicit folder
+    (argument or variable) that lacks ``need`` fails at once; otherwise the first candidate holding it
+    wins. Raises ResourceUnavailable, saying how to get MMLU, when none does.
+    """
+    for explicit, what in ((data_dir, "data_dir"), (os.environ.get("MOE2_DATA_DIR"), "MOE2_DATA_DIR")):
+        if explicit:
+            path = Path(explicit).expanduser()
+            if not (path / need).exists():
+                raise ResourceUnavailable(f"{what}={path} holds no {need}/. {HOW_TO_GET_MMLU}")
+            return path
+    tried = [Path("data"), Path("..") / "shared" / "datasets", _REPO / "data", _REPO.parent / "shared" / "datasets"]
+    for path in tried:
+        if (path / need).exists():
+            return path.resolve()
+    raise ResourceUnavailable(f"no {need}/ found in {', '.join(str(p.resolve()) for p in tried)}. {HOW_TO_GET_MMLU}")
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+_READ: set[Path] = set()
+
+
+def note_read(path) -> Path:
+    """Record a data file as read by this process: a stage's meta.json lists the files it read with their
+    sha256, and the pipeline reruns the stage when one of them changes."""
+    path = Path(path).resolve()
+    _READ.add(path)
+    return path
+
+
+def files_read() -> list[Path]:
+    """The data files this process has read so far (:func:`note_read`), sorted."""
+    return sorted(_READ)
+
+
+def _mmlu_rows(path: Path):
+    """(start line, row) for each CSV row; csv and decoding errors become InputError."""
+    note_read(path)
+    line = 1
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                start, line = line, reader.line_num + 1
+                yield start, row
+    except csv.Error as exc:
+        raise InputError(f"malformed CSV ({exc})", path=path, line=line) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
+
+
+def _bad_utf8_line(path: Path) -> int | None:
+    """1-based line of the first byte that is not UTF-8 (the text reader decodes in chunks, ahead of rows)."""
+    raw = Path(path).read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return raw.count(b"\n", 0, exc.start) + 1
+    return None
+
+
+def _read_mmlu_csv(path: Path, subject: str, root: Path) -> list[Question]:
+    """Questions of one headerless ``question,A,B,C,D,answer`` file; errors name the row's first line."""
+    out = []
+    for start, row in _mmlu_rows(path):
+        if not row:
+            continue
+        if len(row) != 6:
+            raise InputError(f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}",
+                             path=path, line=start)
+        question, *choices, answer = row
+        if not question.strip():
+            raise InputError("empty question", path=path, line=start)
+        answer = answer.strip()
+        if answer not in ("A", "B", "C", "D"):
+            raise InputError(f"answer must be one of A, B, C, D, got {answer!r}", path=path, line=start)
+        out.append(Question(question, tuple(choices), "ABCD".index(answer), subject,
+                            f"{_rel(path, root)}:{start}"))
+    if not out:
+        raise InputError("empty file: no questions", path=path)
+    return out
+
+
+def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) -> list[Question]:
+    """MMLU questions of a split (test, val, dev, auxiliary_train), files in sorted order, rows in file order.
+
+    Reads ``<data dir>/mmlu/<split>/<subject>_<split>.csv`` (``auxiliary_train``: any ``*.csv``, subject
+    = file stem); ``subjects`` keeps only those subjects.
+    """
+    if split not in MMLU_SPLITS:
+        raise InputError(f"unknown MMLU split {split!r}; known: {', '.join(MMLU_SPLITS)}", param="split")
+    root = resolve_data_dir(data_dir, f"mmlu/{split}")
+    folder = root / "mmlu" / split
+    files = sorted(folder.glob("*.csv"))
+    if not files:
+        raise InputError(f"no CSV files in the MMLU {split} split", path=folder)
+    suffix = "" if split == "auxiliary_train" else f"_{split}"
+    by_subject = {(f.stem[: -len(suffix)] if suffix and f.stem.endswith(suffix) else f.stem): f for f in files}
+    if subjects is not None:
+        wanted = {subjects} if isinstance(subjects, str) else set(subjects)
+        unknown = sorted(wanted - set(by_subject))
+        if unknown:
+            raise InputError(f"unknown subjects {unknown}; known: {', '.join(sorted(by_subject))}", param="subjects")
+        by_subject = {s: f for s, f in by_subject.items() if s in wanted}
+    out = []
+    for subject, path in by_subject.items():
+        out.extend(_read_mmlu_csv(path, subject, root))
+    return out
+
+
+def load_jsonl(path, subject: str | None = None) -> list[Question]:
+    """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
+
+    Blank lines are skipped; the subject defaults to the file stem. The question text is kept as
+    written (e.g. ARC's "Question: " prefix stays), so prompts match the source data.
+    """
+    path = Path(path)
+    subject = subject or path.stem
+    note_read(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
+    out = []
+    for n, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON ({exc.msg})", path=path, line=n) from None
+        except (ValueError, RecursionError) as exc:  # a 4300+-digit integer, nesting deeper than the stack
+            raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
+        if not isinstance(obj, dict):
+            raise InputError("each line must be a JSON object", path=path, line=n)
+        question = obj.get("query", obj.get("question"))
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("missing or empty 'query'/'question'", path=path, line=n)
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
+        given = gold = obj.get("gold", obj.get("answer"))
+        if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
+            gold = LETTERS.index(gold.strip().upper())
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
+                             f"got {given!r}", path=path, line=n)
+        out.append(Question(question, tuple(choices), gold, subject, f"{path.name}:{n}"))
+    if not out:
+        raise InputError("empty file: no questions", path=path)
+    return out
+
+
+def format_prompt(q: Question, template: str = DEFAULT_TEMPLATE) -> str:
+    """The paper's zero-shot prompt (or ``template``, with fields subject, question, choices)."""
+    choices = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices))
+    try:
+        return template.format(subject=q.subject.replace("_", " "), question=q.question, choices=choices)
+    except (KeyError, IndexError, AttributeError) as exc:
+        raise InputError(f"template uses an unknown field {exc}; fields: subject, question, choices",
+                         param="template") from None
+    except ValueError as exc:
+        raise InputError(f"malformed template ({exc})", param="template") from None
+
+
+def subjects_of(questions: Sequence[Question]) -> list[str]:
+    """The sorted distinct subjects."""
+    return sorted({q.subject for q in questions})
+
+
+def _by_subject(questions) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        groups.setdefault(q.subject, []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def stratified_split(questions: Sequence[Question], test_fraction: float, seed: int):
+    """Seeded (train, test) index arrays, each subject split in the same proportion.
+
+    Each subject sends the floor or the ceiling of its share to the test side, chosen so that the
+    test side holds ``round(test_fraction * N)`` questions overall (largest remainders first, ties at
+    random): even a sample with one question per subject splits in proportion. A subject with two or
+    more questions keeps at least one on each side.
+    """
+    if not 0 < test_fraction < 1:
+        raise InputError(f"must be in (0, 1), got {test_fraction}", param="test_fraction")
+    rng = np.random.default_rng(seed)
+    groups = [rng.permutation(idx) for idx in _by_subject(questions).values()]
+    sizes = np.array([len(g) for g in groups])
+    quota = test_fraction * sizes
+    lo = np.floor(quota).astype(np.int64)
+    hi = np.ceil(quota).astype(np.int64)
+    two = sizes >= 2
+    lo[two] = np.clip(lo[two], 1, sizes[two] - 1)
+    hi[two] = np.clip(hi[two], 1, sizes[two] - 1)
+    k = lo.copy()
+    extra = int(round(test_fraction * sizes.sum())) - int(k.sum())
+    for i in np.lexsort((rng.random(len(groups)), -(quota - lo))):
+        if extra <= 0:
+            break
+        if hi[i] > k[i]:
+            k[i] += 1
+            extra -= 1
+    test = np.concatenate([g[:n] for g, n in zip(groups, k)]).astype(np.int64)
+    train = np.concatenate([g[n:] for g, n in zip(groups, k)]).astype(np.int64)
+    return np.sort(train), np.sort(test)
+
+
+def stratified_sample(questions: Sequence[Question], n: int, seed: int) -> np.ndarray:
+    """Seeded sample of exactly ``n`` sorted indices, allotted to subjects by largest remainder.
+
+    Each subject's quota is ``n * size / total``; it gets the floor, at least 1 when ``n`` is at least the
+    number of subjects, and the leftover goes one at a time to the largest shortfall (or is taken back
+    from the largest excess), ties to the first subject in sorted order.
+    """
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise InputError(f"must be an integer, got {n!r}", param="n") from None
+    if not 0 < n <= len(questions):
+        raise InputError(f"must be in 1..{len(questions)}, got {n}", param="n")
+    groups = _by_subject(questions)
+    sizes = np.array([len(v) for v in groups.values()], dtype=np.int64)
+    quota = sizes * n / sizes.sum()
+    take = np.floor(quota).astype(np.int64)
+    if n >= len(groups):
+        take = np.maximum(take, 1)
+    while take.sum() < n:
+        take[np.argmax(np.where(take < sizes, quota - take, -np.inf))] += 1
+    while take.sum() > n:
+        take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(idx, size=t, replace=False) for idx, t in zip(groups.values(), take)]
+    return np.sort(np.concatenate(picked).astype(np.int64))
+
+
+def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None) -> list[Question]:
+    """The profile's MMLU questions: a seeded sample stratified by subject (``n_questions=0``: all of them).
+
+    Every stage that reads MMLU calls this with the profile's ``n_questions`` and ``seed``, so their
+    question lists (and ``qid``s) agree.
+    """
+    questions = load_mmlu(split, data_dir)
+    if not n_questions:
+        return questions
+    return [questions[i] for i in stratified_sample(questions, n_questions, seed)]
+
+
+# --- the fine-tuning corpus (everything but MMLU's test/val/dev) -------------------------------------
+
+def _aux_source(data_dir) -> list[Question]:
+    return [replace(q, subject=q.subject if q.subject.startswith("aux_") else f"aux_{q.subject}")
+            for q in load_mmlu("auxiliary_train", data_dir)]
+
+
+def _jsonl_source(relpaths: Sequence[str], subject_of):
+    def load(data_dir) -> list[Question]:
+        root = resolve_data_dir(data_dir, relpaths[0].split("/")[0])
+        out = []
+        for rel in relpaths:
+            files = sorted(root.glob(rel))
+            if not files:
+                raise ResourceUnavailable(f"{root / rel} not found; see {root / 'SOURCES.md'} for where it comes from")
+            for path in files:
+                out.extend(replace(q, subject=subject_of(path.stem), source=f"{_rel(path, root)}:{q.source.rsplit(':', 1)[1]}")
+                           for q in load_jsonl(path))
+        return out
+    return load
+
+
+FINETUNE_SOURCES = {
+    "mmlu_aux": _aux_source,
+    "arc_easy": _jsonl_source(["arc/llm-foundry_derived/arc_easy_test.jsonl"], lambda stem: "arc_easy"),
+    "arc_challenge": _jsonl_source(["arc/llm-foundry_derived/arc_challenge_test.jsonl"], lambda stem: "arc_challenge"),
+    "openbookqa": _jsonl_source(["openbookqa/llm-foundry_derived/openbookqa_test.jsonl"], lambda stem: "openbookqa"),
+    "agieval": _jsonl_source(["agieval/llm-foundry_derived/agi_eval_*.jsonl"],
+                             lambda stem: "agieval_" + stem.removeprefix("agi_eval_")),
+}
+"""Loaders of the fine-tuning sources; each Question's subject names where it came from
+(``aux_<file>`` for MMLU auxiliary_train files, ``arc_easy``, ``openbookqa``, ``agieval_<task>``)."""
+
+
+def _norm_text(text: str) -> str:
+    text = " ".join(text.lower().split())
+    return text[len("question:"):].lstrip() if text.startswith("question:") else text
+
+
+def load_finetune_corpus(sources: Sequence[str] = ("mmlu_aux", "arc_easy", "openbookqa", "agieval"),
+                         data_dir=None) -> list[Question]:
+    """The experts' fine-tuning questions: the named sources in order, without MMLU test/val/dev.
+
+    De-duplication: a question whose (question text, choices) — lower-cased, whitespace collapsed, ARC's
+    "Question:" prefix dropped — was already seen is skipped, across sources too (auxiliary_train's
+    ``science_*`` files repeat ~800 of its ``arc_easy`` rows). Items that share only the question text
+    but have other choices are different questions and stay. Leak guard: a question whose text equals that
+    of an MMLU test, val or dev question is dropped (here only generic stems such as "Which of the
+    following is true?" match), so no fine-tuning prompt repeats an evaluation question.
+    """
+    if isinstance(sources, str):
+        sources = (sources,)
+    unknown = [s for s in sources if s not in FINETUNE_SOURCES]
+    if unknown or not sources:
+        raise InputError(f"unknown fine-tuning sources {unknown}; known: {', '.join(FINETUNE_SOURCES)}",
+                         param="sources")
+    held_out = {_norm_text(q.question) for split in ("test", "val", "dev") for q in load_mmlu(split, data_dir)}
+    seen, out = set(), []
+    for name in sources:
+        for q in FINETUNE_SOURCES[name](data_dir):
+            key = (_norm_text(q.question), tuple(_norm_text(c) for c in q.choices))
+            if key in seen or key[0] in held_out:
+                continue
+            seen.add(key)
+            out.append(q)
+    return out
+
+
+def source_files(questions: Sequence[Question], data_dir=None) -> list[Path]:
+    """The sorted data files the questions were read from (their ``source`` is ``<file>:<line>``)."""
+    root = resolve_data_dir(data_dir, "mmlu")
+    return sorted({root / q.source.rsplit(":", 1)[0] for q in questions})

@@ -1,0 +1,1 @@
+"""Infrastructure every layer may use: atomic artifact files with provenance, and worker processes."""

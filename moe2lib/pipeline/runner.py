@@ -1,0 +1,314 @@
+"""The papermill pipeline: one notebook per stage, parameters from ``configs/<profile>.yaml``.
+
+A stage folder ``artifacts/<stage>/`` is complete when its ``meta.json`` exists; the pipeline
+adds to it a key over the stage's parameters, its notebook, the library modules and data files the
+stage recorded using (``uses``, written by ``StageRun.finish``) and the keys of the stages it reads.
+A stage whose key is unchanged is skipped; ``force`` reruns it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InputError
+from ..infra import artifacts
+from .stages import NOTEBOOKS, PATH_PARAMS, STAGES, Stage, notebook_parameters
+
+REPO = artifacts.REPO_ROOT
+CONFIGS = REPO / "configs"
+PROFILES = ("smoke", "default", "paper")
+SHARED_KEYS = {"seed": int, "data_dir": (str, type(None)), "n_threads": int, "n_questions": int, "benchmark": dict}
+
+
+def out_root(profile: str) -> Path:
+    """Where a profile's artifacts and figures go: the repository for ``default``, else ``runs/<profile>``."""
+    return REPO if profile == "default" else REPO / "runs" / profile
+
+
+def yaml_line(path, *keys) -> int | None:
+    """1-based line of a key (str) or list item (int) in a YAML file, read from the composed nodes' marks.
+
+    Errors point at the line to edit; the deepest key found is used, None when the file cannot be read.
+    """
+    import yaml
+
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    line = None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)]
+            if not found:
+                break
+            k, node = found[-1]  # safe_load keeps the last of repeated keys
+            line = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _repeated_key(node, where: str = "") -> tuple[str, int] | None:
+    """(dotted key, line) of the first key given twice in one mapping: YAML would silently keep the last."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for k, v in node.value:
+            name = f"{where}.{k.value}" if where else str(k.value)
+            if isinstance(k, yaml.ScalarNode):
+                if k.value in seen:
+                    return name, k.start_mark.line + 1
+                seen.add(k.value)
+            if found := _repeated_key(v, name):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            if found := _repeated_key(v, f"{where}[{i}]"):
+                return found
+    return None
+
+
+def load_config(profile_or_path: str) -> tuple[dict, Path]:
+    """A profile's settings, checked: YAML syntax, repeated keys, unknown keys, the shared keys' types.
+
+    Every error names the file, the line and the key; the stages' own entries are checked against
+    their notebooks by :func:`stage_params`.
+    """
+    import yaml
+
+    path = Path(profile_or_path)
+    if not path.suffix:
+        path = CONFIGS / f"{profile_or_path}.yaml"
+    if not path.exists():
+        raise InputError(f"no such profile; known: {', '.join(PROFILES)}", path=path, param="profile")
+    try:
+        text = path.read_text(encoding="utf-8")
+        cfg = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 ({exc.reason})", path=path) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(f"invalid YAML ({getattr(exc, 'problem', exc)})", path=path,
+                         line=None if mark is None else mark.line + 1) from None
+    if not isinstance(cfg, dict):
+        raise InputError("a profile is a mapping of parameters", path=path)
+    repeated = _repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
+    if repeated:
+        raise InputError("key given twice (YAML would silently keep only the last)", path=path,
+                         line=repeated[1], param=repeated[0])
+    for key, value in cfg.items():
+        if key in SHARED_KEYS:
+            if not isinstance(value, SHARED_KEYS[key]) or isinstance(value, bool):
+                raise InputError(f"{key} has the wrong type {type(value).__name__}", path=path,
+                                 line=yaml_line(path, key), param=key)
+        elif key in STAGES:
+            if not isinstance(value, dict):
+                raise InputError("a stage's entry is a mapping of its notebook's parameters", path=path,
+                                 line=yaml_line(path, key), param=key)
+        elif key == "profile":
+            if not isinstance(value, str):
+                raise InputError(f"profile has the wrong type {type(value).__name__}", path=path,
+                                 line=yaml_line(path, key), param=key)
+        else:
+            raise InputError(f"unknown key; allowed: profile, {', '.join(SHARED_KEYS)}, "
+                             f"and the stages {', '.join(STAGES)}", path=path, line=yaml_line(path, key),
+                             param=str(key))
+    return cfg, path
+
+
+_TYPES_EQUIVALENT = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,),
+                     tuple: (list, tuple), dict: (dict,)}
+
+
+def type_mismatch(value, default) -> str | None:
+    """Why ``value`` cannot replace a notebook parameter defaulting to ``default``; None when it can.
+
+    The default's type rules: int, float (an int is accepted), bool, str, list, dict; a bool is not a
+    number; a None default accepts anything; null is accepted only where the default is None.
+    """
+    if default is None:
+        return None
+    want = type(default)
+    ok = _TYPES_EQUIVALENT.get(want, (want,))
+    if value is None:
+        return f"expected {want.__name__}, got null"
+    if not isinstance(value, ok) or (isinstance(value, bool) and want is not bool):
+        return f"expected {want.__name__}, got {type(value).__name__} {value!r}"
+    return None
+
+
+def _bad_item(value, default) -> tuple[int, str] | None:
+    """(index, why) of the first item of a list parameter that its default's items rule out.
+
+    Checked where the default holds scalars only (each item must have one of their types, null only if
+    the default has a null) or lists only (each item must be a list); other defaults leave items free.
+    """
+    if not isinstance(value, list) or not isinstance(default, (list, tuple)) or not default:
+        return None
+    if all(isinstance(d, (list, tuple)) for d in default):
+        kinds = "list"
+        fits = [lambda x: isinstance(x, list)]
+    elif any(isinstance(d, (list, tuple, dict)) for d in default):
+        return None
+    else:
+        scalars = [d for d in default if d is not None]
+        kinds = " or ".join(sorted({type(d).__name__ for d in scalars} | ({"null"} if None in default else set())))
+        fits = [lambda x, d=d: type_mismatch(x, d) is None for d in scalars]
+        if None in default:
+            fits.append(lambda x: x is None)
+    for i, item in enumerate(value):
+        if not any(f(item) for f in fits):
+            return i, f"items must be {kinds}, got {'null' if item is None else type(item).__name__} {item!r}"
+    return None
+
+
+def _name_errors(key: str, value) -> tuple[tuple, str] | None:
+    """(position within the parameter, why) of the first unknown model, device or repeated expert name."""
+    from ..core import devices
+    from ..models import registry
+
+    if key == "models" and isinstance(value, list):
+        for i, name in enumerate(value):
+            if why := registry.unusable(name, "llm"):
+                return (i,), why
+    elif key == "embedding_model":
+        if why := registry.unusable(value, "embedding"):
+            return (), why
+    elif key == "layout" and isinstance(value, list):
+        names = set()
+        for i, row in enumerate(value):
+            if not (isinstance(row, list) and len(row) == 4):
+                return (i,), f"each expert is [name, base model, cluster, device], got {row!r}"
+            name, base, cluster, device = row
+            if not isinstance(name, str):
+                return (i, 0), f"an expert name is a string, got {name!r}"
+            if name in names:
+                return (i, 0), f"expert name {name!r} is given twice"
+            names.add(name)
+            if why := registry.unusable(base, "llm"):
+                return (i, 1), why
+            if not isinstance(cluster, int) or isinstance(cluster, bool) or cluster < 0:
+                return (i, 2), f"a cluster is a non-negative integer, got {cluster!r}"
+            if device not in devices.known():
+                return (i, 3), f"unknown device {device!r}; known: {', '.join(devices.known())}"
+    return None
+
+
+def stage_params(cfg: Mapping, cfg_path: Path, stage: Stage, profile: str, root: Path) -> dict[str, Any]:
+    """Shared keys and the stage's own entry, checked against the notebook's parameters cell.
+
+    An unknown parameter, a value of the wrong type (see :func:`type_mismatch`), or an unknown model,
+    device or repeated expert name raises InputError naming the config file, the line and the parameter.
+    """
+    defaults = notebook_parameters(stage)
+    params = {k: cfg[k] for k in SHARED_KEYS if k in cfg and k in defaults}
+    for key, value in (cfg.get(stage.name) or {}).items():
+        def error(why: str, *at) -> InputError:
+            return InputError(why, path=cfg_path, line=yaml_line(cfg_path, stage.name, key, *at),
+                              param=f"{stage.name}.{key}" + "".join(f"[{i}]" for i in at))
+
+        if key not in defaults:
+            raise error(f"stage {stage.name!r} has no parameter {key!r}; its parameters: "
+                        f"{', '.join(sorted(defaults))}")
+        if why := type_mismatch(value, defaults[key]):
+            raise error(why)
+        if bad := _bad_item(value, defaults[key]):
+            raise error(bad[1], bad[0])
+        if bad := _name_errors(key, value):
+            raise error(bad[1], *bad[0])
+        params[key] = value
+    params.update(profile=profile, artifacts_dir=str(root / "artifacts"), figures_dir=str(root / "figures"))
+    return {k: v for k, v in params.items() if k in defaults}
+
+
+def uses_now(meta: Mapping) -> dict[str, dict[str, str | None]] | None:
+    """The modules and data files a finished stage recorded (meta.json's ``uses``), hashed as they are now
+    (None for a file that is gone); None when the stage recorded none (written before they were recorded)."""
+    uses = meta.get("uses")
+    if not isinstance(uses, Mapping) or not {"library", "data"} <= set(uses):
+        return None
+
+    def sha(path: str) -> str | None:
+        p = Path(path) if Path(path).is_absolute() else REPO / path
+        return artifacts.file_sha256(p) if p.is_file() else None
+
+    return {kind: {path: sha(path) for path in uses[kind]} for kind in ("library", "data")}
+
+
+def key_parts(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> dict:
+    """What a stage's key is the digest of: its parameters (the notebook's defaults with ``params`` over
+    them, without the output folders: what ``StageRun`` records), its notebook's sha256, the library modules
+    and data files it used with their sha256 (``uses``), and the keys of the stages it reads. meta.json
+    holds every part (``params``, ``uses``, ``pipeline.notebook_sha256``, ``pipeline.upstream``)."""
+    upstream = {}
+    for name in stage.reads:
+        meta = artifacts.read_meta(root / "artifacts" / name)
+        upstream[name] = None if meta is None else meta.get("pipeline", {}).get("key")
+    values = {**notebook_parameters(stage), **params}
+    return {"params": {k: v for k, v in values.items() if k not in PATH_PARAMS},
+            "notebook": artifacts.file_sha256(NOTEBOOKS / stage.notebook),
+            "library": dict(uses["library"]), "data": dict(uses["data"]), "upstream": upstream}
+
+
+def stage_key(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> str:
+    return artifacts.digest(key_parts(stage, params, root, uses))
+
+
+def reproduce(profile: str = "default", *, stages=None, force: bool = False, out: Path | None = None,
+              log=print) -> dict[str, str]:
+    """Run the stages in order; returns each stage's outcome ("ran" or "skipped")."""
+    import papermill
+
+    cfg, cfg_path = load_config(profile)
+    name = cfg.get("profile", Path(profile).stem)
+    root = Path(out) if out else out_root(name)
+    chosen = list(STAGES) if not stages else list(stages)
+    for s in chosen:
+        if s not in STAGES:
+            raise InputError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}", param="stages")
+    outcome = {}
+    for sname in chosen:
+        stage = STAGES[sname]
+        params = stage_params(cfg, cfg_path, stage, name, root)
+        stage_dir = root / "artifacts" / sname
+        meta = artifacts.read_meta(stage_dir)
+        uses = uses_now(meta) if meta else None
+        key = None if uses is None else stage_key(stage, params, root, uses)
+        if not force and key is not None and meta.get("pipeline", {}).get("key") == key:
+            log(f"[{sname}] up to date (parameters, notebook, library modules, data and upstream unchanged): skipped")
+            outcome[sname] = "skipped"
+            continue
+        (stage_dir / artifacts.META_NAME).unlink(missing_ok=True)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for stale in stage_dir.glob(f".{stage.notebook}.*.tmp*"):  # left by a killed run
+            stale.unlink()
+        (root / "figures").mkdir(parents=True, exist_ok=True)
+        log(f"[{sname}] running {stage.notebook} ({name} profile)")
+        t0 = time.time()
+        executed = stage_dir / stage.notebook
+        with artifacts.atomic_path(executed) as tmp:
+            papermill.execute_notebook(str(NOTEBOOKS / stage.notebook), str(tmp), parameters=params,
+                                       cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False,
+                                       log_output=True)
+        wall = time.time() - t0
+        meta = artifacts.read_meta(stage_dir)
+        if meta is None:
+            raise RuntimeError(f"{stage.notebook} finished without writing {stage_dir / artifacts.META_NAME}")
+        if uses_now(meta) is None:
+            raise RuntimeError(f"{stage.notebook} finished without recording what it used (StageRun.finish does)")
+        parts = key_parts(stage, params, root, meta["uses"])  # the hashes as the stage saw them
+        meta["pipeline"] = {"key": artifacts.digest(parts), "profile": name,
+                            "config": artifacts.portable_path(cfg_path),
+                            "notebook": stage.notebook, "notebook_sha256": parts["notebook"],
+                            "upstream": parts["upstream"], "wall_time_s": round(wall, 1)}
+        artifacts.write_json(stage_dir / artifacts.META_NAME, meta)
+        log(f"[{sname}] done in {wall:.0f} s")
+        outcome[sname] = "ran"
+    return outcome
