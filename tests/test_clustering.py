@@ -130,3 +130,47 @@ def test_embed_questions_uses_the_prompt_and_mgte_is_selectable(tmp_path, monkey
         clustering.embed_texts(["x"], model="mgte-base", progress=False)
     with pytest.raises(InputError, match="unknown model"):
         clustering.embed_texts(["x"], model="no-such-model", progress=False)
+
+
+def _task_blobs(seed=0, per_task=30):
+    """Six tasks in three well-separated pairs of nearby directions, 9-dimensional."""
+    rng = np.random.default_rng(seed)
+    centres = {}
+    for pair in range(3):
+        base = np.zeros(9)
+        base[pair] = 10.0
+        for j in range(2):
+            c = base.copy()
+            c[3 + 2 * pair + j] = 3.0
+            centres[f"t{pair}{j}"] = c
+    X = np.concatenate([c + rng.normal(0, 0.3, (per_task, 9)) for c in centres.values()]).astype(np.float32)
+    task = np.repeat(list(centres), per_task)
+    return X, task
+
+
+def test_task_clusters_group_similar_whole_tasks_and_route_new_prompts():
+    X, task = _task_blobs()
+    tc = clustering.TaskClusters(3, seed=0).fit(X, task)
+    for pair in range(3):
+        assert tc.cluster_of(f"t{pair}0")[0] == tc.cluster_of(f"t{pair}1")[0]  # nearby tasks share a cluster
+    assert sorted(tc.cluster_of([f"t{p}0" for p in range(3)]).tolist()) == [0, 1, 2]
+    assert np.array_equal(tc.labels_, tc.cluster_of(task)) and tc.sizes_.tolist() == [60, 60, 60]
+    X_new, task_new = _task_blobs(seed=1)
+    assert (tc.predict(X_new) == tc.cluster_of(task_new)).mean() > 0.95  # routed without the task label
+    assert tc.transform(X_new).shape == (len(X_new), 3)
+    # at most ceil(6 / 4) = 2 tasks per cluster: the closest pairs merge first, two tasks stay alone
+    four = clustering.TaskClusters(4).fit(X, task)
+    assert sorted(np.bincount(four.cluster_of(sorted(set(task))), minlength=4).tolist()) == [1, 1, 2, 2]
+    with pytest.raises(InputError, match="n_clusters"):
+        clustering.TaskClusters(7).fit(X, task)
+    with pytest.raises(InputError, match="not clustered"):
+        tc.cluster_of("t9")
+
+
+def test_task_clusters_cap_grows_where_no_pair_fits():
+    """Ten tasks into four clusters (cap 3): once five groups of two are left, a group of four is allowed."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 6)).astype(np.float32)
+    task = np.repeat([f"t{i}" for i in range(10)], 10)
+    tc = clustering.TaskClusters(4).fit(X, task)
+    assert len(set(tc.tasks_.values())) == 4 and sum(np.bincount(list(tc.tasks_.values()))) == 10

@@ -397,3 +397,23 @@ def test_lora_on_upper_layers_only_trains_and_exports(items, tmp_path):
     with pytest.raises(InputError) as info:
         ttuner(layers=[30], max_steps=1).fit(items)
     assert info.value.param == "layers"
+
+
+def test_generalist_plan_has_each_base_models_budget_over_all_clusters():
+    from moe2lib.models.finetune import generalist_plan
+
+    def qs(tag, n):
+        return [ChoiceItem(f"{tag}{i}", tag, f"{tag} {i}", ("c",) * 2, (" a", " b"), 0) for i in range(n)]
+
+    shared = qs("s", 5)  # topped-up questions two experts share count once in the union
+    plan = {"e0": ("big", qs("a", 40) + shared), "e1": ("big", qs("b", 40)), "e2": ("small", qs("c", 30) + shared),
+            "e3": ("small", qs("d", 30)), "e4": ("small", qs("e", 30))}
+    out = generalist_plan(plan, seed=0)
+    assert {b: len(v) for b, v in out.items()} == {"big": 85, "small": 95}  # what its experts train on together
+    for base, questions in out.items():
+        assert len({q.qid for q in questions}) == len(questions)
+    assert {"c", "d", "e"} & {q.task for q in out["big"]}  # drawn from every expert's data, not its own experts'
+    assert {"a", "b"} & {q.task for q in out["small"]}
+    assert generalist_plan(plan, seed=0) == out and generalist_plan(plan, seed=1) != out
+    small_only = generalist_plan({"e": ("small", qs("a", 3))}, seed=0)
+    assert len(small_only["small"]) == 3  # the whole union when the budget exceeds it

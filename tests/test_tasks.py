@@ -236,3 +236,32 @@ def test_benchmark_save_and_load(tmp_path):
     assert err.value.line == 3
     with pytest.raises(ResourceUnavailable):
         tasks.EdgeMix.load(tmp_path / "missing.jsonl")
+
+
+def test_validation_split_is_seeded_disjoint_and_per_task():
+    items = [ChoiceItem(f"{t}:{i}", t, f"{t} question {i % 40}", ("c", "c"), (" a", " b"), 0)
+             for t in ("a", "b") for i in range(100 if t == "a" else 30)]  # texts repeat within a task
+    train, val = tasks.validation_split(items, 0.2, seed=1)
+    assert sorted(map(id, train + val)) == sorted(map(id, items))  # a partition
+    assert not {it.text for it in train} & {it.text for it in val}  # equal texts stay on one side
+    per_task = {t: sum(it.task == t for it in val) for t in ("a", "b")}
+    assert per_task["a"] in range(20, 23) and per_task["b"] == 6  # 20% of each task (groups of 2-3 for "a")
+    again = tasks.validation_split(items, 0.2, seed=1)
+    assert again == (train, val)
+    assert tasks.validation_split(items, 0.2, seed=2)[1] != val
+    # a task's draw does not depend on the other tasks
+    assert tasks.validation_split([it for it in items if it.task == "b"], 0.2, seed=1)[1] == [
+        it for it in val if it.task == "b"]
+    assert tasks.validation_split(items, 0.0, seed=1) == (items, [])
+    with pytest.raises(InputError, match="validation_fraction"):
+        tasks.validation_split(items, 1.0)
+
+
+@needs_data
+def test_validation_is_disjoint_from_training_gating_and_test(edge_mix):
+    train, val = tasks.validation_split(edge_mix.where("expert"), 0.1, seed=0)
+    texts = {s: {" ".join(it.text.lower().split()) for it in group} for s, group in
+             (("train", train), ("val", val), ("gating", edge_mix.where("gating")), ("test", edge_mix.where("test")))}
+    assert len(val) > 100
+    for other in ("train", "gating", "test"):
+        assert not texts["val"] & texts[other], other

@@ -30,16 +30,17 @@ from ..core.scores import align_rows, correct_matrix  # noqa: F401 - part of thi
 from ..core.stats import bootstrap_means, percentile_interval, relative_improvement
 from ..errors import InputError
 
-METHODS = ("single_agent", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
+METHODS = ("single_agent", "generalist", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
            "moe2_topk", "oracle")
-LABELS = {"single_agent": "Single Agent", "average_expert": "A.E.A.", "majority_voting": "Majority Voting",
+LABELS = {"single_agent": "Single Agent", "generalist": "Generalist LoRA", "average_expert": "A.E.A.",
+          "majority_voting": "Majority Voting",
           "best_expert": "Best expert", "router_top1": "Top-1 router", "moe2": "MoE2", "moe2_topk": "MoE2 Top-k",
           "oracle": "Oracle"}
 # Fig. 3 of the paper: relative accuracy gain of MoE2 over each baseline, (a - b) / b
 PAPER_IMPROVEMENT = {"single_agent": 0.144, "majority_voting": 0.073, "average_expert": 0.164}
 # Paired differences a - b reported with bootstrap intervals: MoE2 against the paper's baselines, and what
 # recognising the task buys (the top-1 router over a single model) apart from what fusion adds on top of it.
-DIFFERENCES = (("moe2", "single_agent"), ("moe2", "majority_voting"), ("moe2", "average_expert"),
+DIFFERENCES = (("moe2", "single_agent"), ("moe2", "generalist"), ("moe2", "majority_voting"), ("moe2", "average_expert"),
                ("moe2", "best_expert"), ("moe2", "router_top1"), ("moe2_topk", "router_top1"),
                ("moe2_topk", "single_agent"), ("router_top1", "single_agent"), ("router_top1", "best_expert"))
 
@@ -143,7 +144,7 @@ def fig3_metrics(methods: Mapping[str, np.ndarray], singles: Mapping[str, np.nda
     acc = values.mean(1)
     row = {k: i for i, k in enumerate(keys)}
     improvement = {}
-    for base in ("single_agent", "majority_voting", "average_expert", "best_expert", "router_top1"):
+    for base in ("single_agent", "generalist", "majority_voting", "average_expert", "best_expert", "router_top1"):
         if base in row and "moe2" in row and acc[row[base]] > 0:
             rel = relative_improvement(boot[row["moe2"]], boot[row[base]])
             improvement[base] = {
@@ -296,7 +297,8 @@ def fig3_figure(metrics: Mapping, title: str = "MMLU accuracy (test split), 95% 
         names.append(LABELS[m].replace(" ", "\n", 1))
         acc.append(metrics["accuracy"][m])
         ci.append(metrics["ci95"][m])
-        colors.append("#d62728" if m.startswith("moe2") else "#bcbd22" if m == "oracle" else "#1f77b4")
+        colors.append("#d62728" if m.startswith("moe2") else "#bcbd22" if m == "oracle" else
+                      "#8c564b" if m == "generalist" else "#1f77b4")
     acc, ci = np.array(acc), np.array(ci)
     diffs = metrics.get("differences") or {}
     if diffs:
@@ -419,11 +421,14 @@ def fit_temperatures(probs, answer) -> np.ndarray:
 
 
 def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "gating.GatingNetwork"], *,
-                    top_k: int, n_bootstrap: int = 1000, seed: int = 0, calibrate: bool = True) -> dict:
+                    top_k: int, n_bootstrap: int = 1000, seed: int = 0, calibrate: bool = True,
+                    generalist=None) -> dict:
     """Fig. 3 on one split: calibrate and train the gating on ``train`` rows, score every method on ``test``.
 
     ``experts`` and ``base`` are :class:`~moe2lib.core.scores.Scores` aligned row by row with ``X``. Temperatures
     (``calibrate``), the best expert and the single agent's base model are all chosen on ``train``.
+    ``generalist`` (optional Scores, same rows): one LoRA per base model trained on all the experts' data;
+    the ``generalist`` method is the one of them that is best on ``train``, calibrated like the rest.
     Returns the metrics (Fig. 3 accuracies, intervals, relative gains, paired differences, per task), the
     fitted network, the gating values of every row and the calibrated probabilities.
     """
@@ -438,6 +443,17 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
     best_base = best_expert(PB[train], y[train])
     methods, singles = correctness(P[test], y[test], G[test], best=best, top_k=top_k, base_probs=PB[test],
                                    base_names=[str(b) for b in base.experts], best_base=best_base)
+    about_generalist = {}
+    if generalist is not None:
+        t_gen = (fit_temperatures(generalist.probs[train], generalist.answer[train]) if calibrate
+                 else np.ones(len(generalist.experts)))
+        PG = temper(generalist.probs, t_gen)
+        best_gen = best_expert(PG[train], y[train])
+        methods["generalist"] = correct_matrix(PG[test], y[test])[:, best_gen]
+        methods = {m: methods[m] for m in METHODS if m in methods}
+        about_generalist = {"generalist_model": str(generalist.experts[best_gen]),
+                            "generalists": {str(e): float(a) for e, a in
+                                            zip(generalist.experts, correct_matrix(PG[test], y[test]).mean(0))}}
     fig3 = fig3_metrics(methods, singles, n_bootstrap=n_bootstrap, seed=seed)
     tasks = np.asarray(experts.subject)[test]
     per_task = {str(t): {"n": int((tasks == t).sum()),
@@ -446,7 +462,8 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
     metrics = {**fig3, "n_test": int(len(test)), "n_train": int(len(train)), "per_task": per_task,
                "experts": {str(e): float(a) for e, a in zip(experts.experts, correct_matrix(P[test], y[test]).mean(0))},
                "best_expert": str(experts.experts[best]), "single_agent_model": str(base.experts[best_base]),
-               "top_k": int(top_k), "temperatures": {"experts": t_exp.tolist(), "base": t_base.tolist()}}
+               "top_k": int(top_k), "temperatures": {"experts": t_exp.tolist(), "base": t_base.tolist()},
+               **about_generalist}
     return {"metrics": metrics, "network": net, "gate": G, "probs": P, "base_probs": PB}
 
 
@@ -473,6 +490,12 @@ NETWORK_KEYS = ("hidden", "dropout", "lr", "weight_decay", "batch_size", "grad_a
                 "max_epochs", "patience", "val_fraction", "lr_factor", "lr_patience")
 
 
+def network_factory(params: Mapping, seed: int) -> Callable[[], "gating.GatingNetwork"]:
+    """A maker of gating networks with a gating stage's parameters (those of NETWORK_KEYS it has), one thread."""
+    net_params = {k: (tuple(params[k]) if k == "hidden" else params[k]) for k in NETWORK_KEYS if k in params}
+    return lambda: gating.GatingNetwork(**net_params, seed=seed, n_threads=1)
+
+
 def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict:
     """Fig. 3 again on a new seeded gating-training/test split of a finished run, from its artifacts alone.
 
@@ -483,7 +506,6 @@ def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict
     """
     from pathlib import Path
 
-    from ..core import gating
     from ..core.scores import Scores
     from ..infra import artifacts
 
@@ -500,13 +522,13 @@ def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict
     qid = emb["qid"].astype(str)
     E = align_scores(qid, Scores.load(paths["experts"]), path=paths["experts"])
     B = align_scores(qid, Scores.load(paths["base"]), answer=E.answer, path=paths["base"])
+    gen_path = art / "scoring" / "generalists.npz"
+    G = align_scores(qid, Scores.load(gen_path), answer=E.answer, path=gen_path) if gen_path.exists() else None
     split = artifacts.read_npz(paths["split"])
     n_test = int(np.asarray(split["test"]).sum())
     train, test = stratified_resplit(E.subject, n_test, seed)
-    net_params = {k: (tuple(params[k]) if k == "hidden" else params[k]) for k in NETWORK_KEYS if k in params}
-    run = fig3_experiment(emb["X"].astype(np.float32), E, B, train, test,
-                          lambda: gating.GatingNetwork(**net_params, seed=seed, n_threads=1),
+    run = fig3_experiment(emb["X"].astype(np.float32), E, B, train, test, network_factory(params, seed),
                           top_k=int(params.get("top_k", 2)),
                           n_bootstrap=int(n_bootstrap or params.get("n_bootstrap", 1000)), seed=seed,
-                          calibrate=bool(params.get("calibrate", True)))
+                          calibrate=bool(params.get("calibrate", True)), generalist=G)
     return {**run["metrics"], "seed": seed}

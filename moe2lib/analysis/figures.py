@@ -105,15 +105,21 @@ def experts_training_curves(art):
 # --------------------------------------------------------------------------- scoring
 
 def scoring_task_accuracy(art):
-    """Who knows what: base models (first columns) and experts, accuracy above chance per task."""
+    """Who knows what: base models (first columns), experts and generalists (if trained), accuracy above
+    chance per task."""
     from . import plots
 
     art = Path(art)
     scores = Scores.load(_need(art / "scoring" / "scores.npz"))
     base_path = _need(art / "base_models" / "scores.npz")
     base = align(Scores.load(base_path), scores.qid, path=base_path)
-    return plots.task_accuracy_figure(concat_experts(base, scores),
-                                      "Base models and experts: accuracy above chance per task")
+    gen_path = art / "scoring" / "generalists.npz"
+    if not gen_path.exists():
+        return plots.task_accuracy_figure(concat_experts(base, scores),
+                                          "Base models and experts: accuracy above chance per task")
+    gen = align(Scores.load(gen_path), scores.qid, path=gen_path)
+    return plots.task_accuracy_figure(concat_experts(base, scores, gen),
+                                      "Base models, experts and generalists: accuracy above chance per task")
 
 
 def scoring_cluster_delta(art):

@@ -512,3 +512,29 @@ def build_benchmark(tasks: Sequence[str] = EDGE_MIX_DEFAULT, *, cap_expert=None,
     params = {"seed": seed, "fractions": f.tolist(), "cap_expert": caps["expert"], "cap_eval": caps["eval"],
               "dropped": dropped}
     return EdgeMix(items, np.array(split, dtype="<U6"), tasks, params, name, None if data_dir is None else str(data_dir))
+
+
+def validation_split(items: Sequence[ChoiceItem], fraction: float, seed: int = 0) -> tuple[list[ChoiceItem], list[ChoiceItem]]:
+    """Expert-training items cut into (train, validation): per task, a seeded ``fraction`` of its items.
+
+    Validation is what the expert settings are chosen on, so that the test split is seen once. Items of one
+    task with the same normalised text go to the same side. Each task's draw has its own seed (from ``seed``
+    and the task), so adding a task leaves the others' validation questions as they were.
+    """
+    if not 0 <= fraction < 1:
+        raise InputError(f"must be in [0, 1), got {fraction!r}", param="validation_fraction")
+    by_task: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_task.setdefault(item.task, []).append(i)
+    held = np.zeros(len(items), dtype=bool)
+    for task, rows in by_task.items():
+        groups: dict[str, list[int]] = {}
+        for i in rows:
+            groups.setdefault(_norm(items[i].text), []).append(i)
+        members, want, taken = list(groups.values()), round(fraction * len(rows)), 0
+        for g in np.random.default_rng(_task_seed(seed, f"validation:{task}")).permutation(len(members)):
+            if taken >= want:
+                break
+            held[members[g]] = True
+            taken += len(members[g])
+    return [it for it, h in zip(items, held) if not h], [it for it, h in zip(items, held) if h]

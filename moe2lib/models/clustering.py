@@ -97,7 +97,8 @@ class PromptClusters:
         self.n_init = n_init
         self.max_iter = max_iter
 
-    def fit(self, X) -> "PromptClusters":
+    def fit(self, X, task=None) -> "PromptClusters":
+        """k-means on the rows of ``X``; ``task`` is ignored (the paper clusters prompts by embedding alone)."""
         from sklearn.cluster import KMeans
 
         X = np.asarray(X, dtype=np.float32)
@@ -134,6 +135,107 @@ class PromptClusters:
     def predict(self, X) -> np.ndarray:
         """Index of the nearest centroid of each row."""
         return self.transform(X).argmin(1).astype(np.int64)
+
+    def assign(self, X, task=None) -> np.ndarray:
+        """The cluster each prompt belongs to: its nearest centroid (the same as :meth:`predict`)."""
+        return self.predict(X)
+
+
+class TaskClusters:
+    """Whole tasks grouped into clusters, and a classifier that routes a prompt to one from its embedding.
+
+    A departure from the paper, which clusters prompts by embedding alone: here each cluster is a set of
+    tasks, so an expert trains on one or two tasks and becomes a specialist. The tasks' mean prompt
+    embeddings are agglomerated by average cosine similarity, most similar first, and no cluster may hold
+    more than ``ceil(T / n_clusters)`` of the T tasks. Clusters are numbered by size, largest first (as
+    :class:`PromptClusters`). A new prompt's task is not known at inference, so :meth:`predict` uses a
+    logistic regression fitted on the training prompts' embeddings and clusters (scikit-learn).
+    """
+
+    def __init__(self, n_clusters: int = 8, seed: int = 0, C: float = 1.0):
+        self.n_clusters = n_clusters
+        self.seed = seed
+        self.C = C
+
+    def fit(self, X, task) -> "TaskClusters":
+        from sklearn.linear_model import LogisticRegression
+
+        X = np.asarray(X, dtype=np.float32)
+        task = np.asarray(task).astype(str)
+        if X.ndim != 2 or task.shape != (len(X),):
+            raise InputError(f"X must be (n, D) with one task per row, got {X.shape} and {task.shape}", param="X")
+        names = sorted(set(task.tolist()))
+        if not 1 <= self.n_clusters <= len(names):
+            raise InputError(f"must be in 1..{len(names)} (the number of tasks), got {self.n_clusters}",
+                             param="n_clusters")
+        unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        means = np.stack([unit[task == t].mean(0) for t in names])
+        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        groups = self._agglomerate(means @ means.T, -(-len(names) // self.n_clusters))
+        sizes = np.array([sum(int((task == names[t]).sum()) for t in g) for g in groups])
+        order = np.argsort(-sizes, kind="stable")
+        self.tasks_ = {names[t]: int(rank) for rank, g in enumerate(groups[i] for i in order) for t in g}
+        self.labels_ = np.array([self.tasks_[t] for t in task.tolist()], dtype=np.int64)
+        self.sizes_ = sizes[order].astype(np.int64)
+        self.centroids_ = np.stack([X[self.labels_ == c].mean(0) for c in range(self.n_clusters)]).astype(np.float32)
+        self.inertia_ = float(((X - self.centroids_[self.labels_]) ** 2).sum())
+        self.router_ = LogisticRegression(C=self.C, max_iter=2000, random_state=self.seed).fit(X, self.labels_)
+        return self
+
+    def _agglomerate(self, sim: np.ndarray, cap: int) -> list[list[int]]:
+        """Merge the pair of groups with the largest mean similarity, within ``cap`` tasks, until k are left
+        (the cap grows by one where no pair fits it)."""
+        groups = [[t] for t in range(len(sim))]
+        while len(groups) > self.n_clusters:
+            best, pair = -np.inf, None
+            for a in range(len(groups)):
+                for b in range(a + 1, len(groups)):
+                    if len(groups[a]) + len(groups[b]) <= cap:
+                        s = sim[np.ix_(groups[a], groups[b])].mean()
+                        if s > best:
+                            best, pair = s, (a, b)
+            if pair is None:  # every merge would pass the cap (e.g. groups of 2 with a cap of 3): widen it
+                cap += 1
+                continue
+            a, b = pair
+            groups[a] = sorted(groups[a] + groups.pop(b))
+        return groups
+
+    def cluster_of(self, task) -> np.ndarray:
+        """The cluster of each task name (InputError for a task not seen by ``fit``)."""
+        task = np.atleast_1d(np.asarray(task).astype(str))
+        unknown = sorted(set(task.tolist()) - set(self.tasks_))
+        if unknown:
+            raise InputError(f"tasks {unknown} were not clustered; known: {', '.join(sorted(self.tasks_))}",
+                             param="task")
+        return np.array([self.tasks_[t] for t in task.tolist()], dtype=np.int64)
+
+    def transform(self, X) -> np.ndarray:
+        """Euclidean distance of each row to each cluster's mean embedding, float32 [n, k]."""
+        from sklearn.metrics import pairwise_distances
+
+        return pairwise_distances(np.asarray(X, dtype=np.float32), self.centroids_).astype(np.float32)
+
+    def predict(self, X) -> np.ndarray:
+        """The cluster a prompt is routed to from its embedding alone (the fitted logistic regression)."""
+        return self.router_.predict(np.asarray(X, dtype=np.float32)).astype(np.int64)
+
+    def assign(self, X, task) -> np.ndarray:
+        """The cluster each prompt belongs to: its task's (``X`` is not needed)."""
+        return self.cluster_of(task)
+
+
+CLUSTERINGS = ("embedding", "task")
+
+
+def make_clusters(cluster_by: str, n_clusters: int, seed: int = 0, n_init: int = 10):
+    """Unfitted clusters of the experts' prompts: "embedding", k-means on embeddings (:class:`PromptClusters`,
+    the paper's), or "task", whole tasks grouped (:class:`TaskClusters`; ``n_init`` unused)."""
+    if cluster_by == "embedding":
+        return PromptClusters(n_clusters, seed=seed, n_init=n_init)
+    if cluster_by == "task":
+        return TaskClusters(n_clusters, seed=seed)
+    raise InputError(f"unknown clustering {cluster_by!r}; known: {', '.join(CLUSTERINGS)}", param="cluster_by")
 
 
 def silhouette(X, labels, sample: int = 3000, seed: int = 0) -> float:

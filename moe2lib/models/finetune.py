@@ -27,6 +27,7 @@ CommonsenseQA (r=16 on attention and MLP projections, lr 1e-3, batch 8, one epoc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -598,6 +599,29 @@ def select_examples(ft_cluster: np.ndarray, ft_dist: np.ndarray, cluster: int, m
         topped = nearest[:min_examples - len(picked)]
     info = {"cluster_size": int(len(members)), "n_from_cluster": int(len(picked)), "n_topped_up": int(len(topped))}
     return np.concatenate([picked, topped]).astype(int), info
+
+
+def generalist_plan(expert_questions, seed: int = 0) -> dict[str, list]:
+    """Per base model, the questions of its generalist: one adapter trained on all the experts' data.
+
+    ``expert_questions`` maps an expert's name to ``(base_model, questions)``. The union of every expert's
+    questions (each question once, by ``qid``, in the experts' order) is sampled down, seeded per base
+    model, to as many questions as that base model's experts train on together: the same training budget
+    as its experts, spread over every cluster instead of one.
+    """
+    union, seen, budget = [], set(), {}
+    for base, questions in expert_questions.values():
+        budget[base] = budget.get(base, 0) + len(questions)
+        for q in questions:
+            if q.qid not in seen:
+                seen.add(q.qid)
+                union.append(q)
+    out = {}
+    for base, n in budget.items():
+        rng = np.random.default_rng([seed, int(hashlib.sha256(base.encode()).hexdigest()[:15], 16)])
+        pick = np.sort(rng.choice(len(union), min(n, len(union)), replace=False))
+        out[base] = [union[i] for i in pick]
+    return out
 
 
 def curves_figure(histories: dict, title: str = "LoRA training curves", smooth: int = 5,
