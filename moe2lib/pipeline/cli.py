@@ -96,6 +96,9 @@ def _data(args):
 
     from ..data import loaders
 
+    if args.action == "fetch":
+        return _fetch(args)
+
     questions = loaders.load_mmlu(args.split, args.data_dir)
     counts = Counter(q.subject for q in questions)
     print(f"MMLU {args.split}: {len(questions)} questions in {len(counts)} subjects "
@@ -103,6 +106,19 @@ def _data(args):
     if args.verbose:
         for subject, n in sorted(counts.items()):
             print(f"  {subject:40s} {n}")
+
+
+def _fetch(args):
+    import os
+    from pathlib import Path
+
+    from ..data import fetch
+    from . import runner
+
+    cfg, _ = runner.load_config(args.profile)
+    to = Path(args.to).expanduser()
+    fetch.fetch(runner.profile_tasks(cfg), to, mirror=args.mirror)
+    print(f"data folder ready: MOE2_DATA_DIR={os.path.abspath(to)}")
 
 
 def _score(args):
@@ -281,10 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--locate", action="store_true", help="also resolve each to a local path (assembles Gemma once)")
     m.set_defaults(func=_models)
 
-    d = sub.add_parser("data", help="check the MMLU data directory")
-    d.add_argument("--split", default="test", choices=["test", "val", "dev", "auxiliary_train"])
-    d.add_argument("--data-dir", help="folder holding mmlu/ (default: $MOE2_DATA_DIR, ./data, ../shared/datasets)")
-    d.add_argument("-v", "--verbose", action="store_true", help="per-subject counts")
+    d = sub.add_parser("data", help="check the MMLU data directory, or fetch a profile's data (`data fetch`)",
+                       description="`data` (or `data check`) counts an MMLU split's questions. `data fetch` "
+                                   "downloads the files the profile's tasks need from their upstream addresses, "
+                                   "checks each against the sha256 manifest in the package and lays them out "
+                                   "as the data folder (resuming an interrupted download).")
+    d.add_argument("action", nargs="?", default="check", choices=["check", "fetch"],
+                   help="check (default) or fetch")
+    d.add_argument("--split", default="test", choices=["test", "val", "dev", "auxiliary_train"],
+                   help="check: the MMLU split to count")
+    d.add_argument("--data-dir", help="check: folder holding mmlu/ (default: $MOE2_DATA_DIR, ./data, "
+                                      "../shared/datasets)")
+    d.add_argument("-v", "--verbose", action="store_true", help="check: per-subject counts")
+    d.add_argument("--profile", default="default",
+                   help="fetch: whose tasks (smoke, default, paper or a YAML file; default: %(default)s)")
+    d.add_argument("--to", default="data", help="fetch: the data folder to fill (default: ./data)")
+    d.add_argument("--mirror", default=None,
+                   help="fetch: fetch URL/<host>/<path> instead of https://<host>/<path> (a URL or a local "
+                        "folder; default: $MOE2_DATA_MIRROR, else the upstream addresses)")
     d.set_defaults(func=_data)
 
     c = sub.add_parser("score", help="score MMLU questions with models into a scores .npz",

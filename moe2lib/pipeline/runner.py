@@ -261,9 +261,51 @@ def stage_key(stage: Stage, params: Mapping, root: Path, uses: Mapping) -> str:
     return artifacts.digest(key_parts(stage, params, root, uses))
 
 
+def profile_tasks(cfg: Mapping) -> list[str]:
+    """The tasks whose files a profile reads: ``benchmark.tasks`` (edge-mix's default: every task), and
+    MMLU always (the profiles stage reads ``mmlu/test`` and ``mmlu/dev``)."""
+    from ..data.tasks import EDGE_MIX_DEFAULT
+
+    bench = cfg.get("benchmark") or {}
+    tasks = bench.get("tasks") or (EDGE_MIX_DEFAULT if bench.get("name", "edge-mix") == "edge-mix" else ())
+    return list(dict.fromkeys(["mmlu", *tasks]))
+
+
+def ensure_data(cfg: Mapping, log=print) -> Path | None:
+    """Fetch the profile's data into ``./data`` when no data folder holds it, and say so; the folder, or None
+    when nothing was fetched. A folder named by ``data_dir`` or ``$MOE2_DATA_DIR`` is left as it is."""
+    import os
+
+    from ..data import fetch, loaders
+    from ..data.tasks import TASKS
+    from ..errors import ResourceUnavailable
+
+    if cfg.get("data_dir") or os.environ.get("MOE2_DATA_DIR"):
+        return None
+    tasks = [t for t in profile_tasks(cfg) if t in TASKS]  # an unknown one fails in the stage, named
+    missing = []
+    for path in ["mmlu/test", "mmlu/dev", *(TASKS[t].path for t in tasks if TASKS[t].fmt != "mmlu")]:
+        try:
+            loaders.resolve_data_dir(None, path)
+        except ResourceUnavailable:
+            missing.append(path)
+    if not missing:
+        return None
+    to = Path("data").resolve()
+    named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    log(f"no data folder holds {named}: fetching the profile's data into {to} "
+        f"(python -m moe2lib data fetch)")
+    fetch.fetch(tasks, to, log=log)
+    return to
+
+
 def reproduce(profile: str = "default", *, stages=None, force: bool = False, out: Path | None = None,
               log=print) -> dict[str, str]:
-    """Run the stages in order; returns each stage's outcome ("ran" or "skipped")."""
+    """Run the stages in order; returns each stage's outcome ("ran" or "skipped").
+
+    Without a data folder, the profile's data is fetched into ``./data`` first (:func:`ensure_data`)."""
+    import os
+
     import papermill
 
     cfg, cfg_path = load_config(profile)
@@ -273,6 +315,9 @@ def reproduce(profile: str = "default", *, stages=None, force: bool = False, out
     for s in chosen:
         if s not in STAGES:
             raise InputError(f"unknown stage {s!r}; stages: {', '.join(STAGES)}", param="stages")
+    fetched = ensure_data(cfg, log)
+    if fetched is not None and fetched != (REPO / "data").resolve():  # the notebooks run in notebooks/: tell them where
+        os.environ["MOE2_DATA_DIR"] = str(fetched)
     outcome = {}
     for sname in chosen:
         stage = STAGES[sname]
