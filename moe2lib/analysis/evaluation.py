@@ -21,6 +21,7 @@ Methods (keys of :data:`METHODS`):
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -147,9 +148,10 @@ def fig3_metrics(methods: Mapping[str, np.ndarray], singles: Mapping[str, np.nda
     for base in ("single_agent", "generalist", "majority_voting", "average_expert", "best_expert", "router_top1"):
         if base in row and "moe2" in row and acc[row[base]] > 0:
             rel = relative_improvement(boot[row["moe2"]], boot[row[base]])
+            rel = rel[np.isfinite(rel)]  # a resample where the baseline is never right has no ratio
             improvement[base] = {
                 "relative": float(relative_improvement(acc[row["moe2"]], acc[row[base]])),
-                "ci95": [float(x) for x in percentile_interval(rel[np.isfinite(rel)], level)],
+                "ci95": [float(x) for x in percentile_interval(rel, level)] if rel.size else [math.nan, math.nan],
                 "paper": PAPER_IMPROVEMENT.get(base)}
     differences = {}
     for a, b in DIFFERENCES:
@@ -430,7 +432,8 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
     ``generalist`` (optional Scores, same rows): one LoRA per base model trained on all the experts' data;
     the ``generalist`` method is the one of them that is best on ``train``, calibrated like the rest.
     Returns the metrics (Fig. 3 accuracies, intervals, relative gains, paired differences, per task), the
-    fitted network, the gating values of every row and the calibrated probabilities.
+    fitted network, the gating values of every row, the calibrated probabilities and each method's
+    per-question correctness on ``test`` (``correct``).
     """
     train, test = np.asarray(train), np.asarray(test)
     t_exp = fit_temperatures(experts.probs[train], experts.answer[train]) if calibrate else np.ones(len(experts.experts))
@@ -464,7 +467,7 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
                "best_expert": str(experts.experts[best]), "single_agent_model": str(base.experts[best_base]),
                "top_k": int(top_k), "temperatures": {"experts": t_exp.tolist(), "base": t_base.tolist()},
                **about_generalist}
-    return {"metrics": metrics, "network": net, "gate": G, "probs": P, "base_probs": PB}
+    return {"metrics": metrics, "network": net, "gate": G, "probs": P, "base_probs": PB, "correct": methods}
 
 
 def stratified_resplit(groups, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -108,16 +108,16 @@ def cross_fitted_gain(X, E: Scores, B: Scores, make_network, *, folds: int = 5, 
     """MoE2 and the top-1 router minus the Single Agent on ``E``'s rows, each row predicted by a gating
     network (and temperatures, best base model) fitted on the other folds: what the pipeline measures on
     test, measured on validation alone."""
-    n = E.n
-    order = np.random.default_rng(seed).permutation(n)
-    diff = {"moe2": 0.0, "router_top1": 0.0}
+    order = np.random.default_rng(seed).permutation(E.n)
+    right = {"moe2": np.zeros(E.n), "router_top1": np.zeros(E.n), "single_agent": np.zeros(E.n)}
     for f in range(folds):
         test = np.sort(order[f::folds])
-        train = np.setdiff1d(np.arange(n), test)
-        m = evaluation.fig3_experiment(X, E, B, train, test, make_network, top_k=top_k, n_bootstrap=1,
-                                       seed=seed)["metrics"]["accuracy"]
-        for k in diff:
-            diff[k] += len(test) * (m[k] - m["single_agent"]) / n
+        train = np.setdiff1d(np.arange(E.n), test)
+        correct = evaluation.fig3_experiment(X, E, B, train, test, make_network, top_k=top_k, n_bootstrap=10,
+                                             seed=seed)["correct"]
+        for k in right:
+            right[k][test] = correct[k]
+    diff = {k: float(right[k].mean() - right["single_agent"].mean()) for k in ("moe2", "router_top1")}
     return diff
 
 
