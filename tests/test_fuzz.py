@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from moe2lib import data, fusion, gating, smo
@@ -31,7 +31,7 @@ FAST = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ============================================================================ data loaders
 
-cell = st.text(st.sampled_from(list("ab AD,\"\n\r\t\\é\x00\u2028\ufeff")), max_size=6)
+cell = st.text(st.sampled_from(list("ab AD,\"\n\r\t\\é\x00\u2028\ufeff\ud800")), max_size=6)  # \ud800: bad bytes
 csv_row = st.lists(st.one_of(cell, st.sampled_from(["A", "B", "C", "D", " B ", "E", ""])), max_size=8)
 
 
@@ -43,7 +43,7 @@ def _csv_text(rows, raw_lines):
 
 def _assert_names_file_and_line(exc: InputError, path: Path, n_lines: int):
     assert exc.path is not None and Path(exc.path).name == path.name, str(exc)
-    if "empty file" in str(exc) or "not UTF-8" in str(exc):
+    if "empty file" in str(exc):
         return  # a whole-file error
     assert exc.line is not None and 1 <= exc.line <= max(n_lines, 1), str(exc)
     assert f"{path.name}:{exc.line}" in str(exc)
@@ -51,17 +51,28 @@ def _assert_names_file_and_line(exc: InputError, path: Path, n_lines: int):
 
 @settings(max_examples=120, **FAST)
 @given(st.lists(csv_row, max_size=6), st.lists(cell, max_size=2))
-def test_mmlu_csv_loads_or_names_file_and_line(rows, raw_lines):
-    text = _csv_text(rows, raw_lines)
+@example([["q", "a", "b", "c", "d"]], ["\ud800"])  # a short row, then bad bytes: the row's line is named
+def test_mmlu_csv_loads_or_names_the_first_bad_line(rows, raw_lines):
+    raw = _csv_text(rows, raw_lines).encode("utf-8", "surrogatepass")
+    lines = raw.splitlines(keepends=True)  # lines as csv reads them: \r ends one too
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mmlu" / "test" / "fuzz_test.csv"
         path.parent.mkdir(parents=True)
-        path.write_text(text, encoding="utf-8", newline="")
+        path.write_bytes(raw)
         try:
             qs = data.load_mmlu("test", tmp)
         except InputError as exc:
-            n_lines = len(list(io.StringIO(text, newline="")))  # lines as Python reads them: \r ends one too
-            _assert_names_file_and_line(exc, path, n_lines)
+            _assert_names_file_and_line(exc, path, len(lines))
+            if "not UTF-8" in str(exc):  # the first line whose bytes are not UTF-8
+                with pytest.raises(UnicodeDecodeError):
+                    lines[exc.line - 1].decode("utf-8")
+                b"".join(lines[:exc.line - 1]).decode("utf-8")
+            elif exc.line is not None:  # a bad row: the rows before the line it starts on are fine
+                path.write_bytes(b"".join(lines[:exc.line - 1]))
+                try:
+                    data.load_mmlu("test", tmp)
+                except InputError as before:
+                    assert "empty file" in str(before), (exc, before)
             return
     assert qs and all(len(q.choices) == 4 and q.answer in range(4) and q.question.strip() for q in qs)
     assert all(q.source.startswith("mmlu/test/fuzz_test.csv:") for q in qs)
@@ -82,7 +93,10 @@ def test_arbitrary_bytes_load_or_name_the_file(junk, at, kind):
             qs = data.load_mmlu("test", tmp) if kind == "csv" else data.load_jsonl(path)
         except InputError as exc:
             assert exc.path is not None and Path(exc.path).name == path.name, str(exc)
-            assert exc.line is None or 1 <= exc.line <= raw.count(b"\n") + raw.count(b"\r") + 1, str(exc)
+            if "empty file" in str(exc):
+                assert exc.line is None
+            else:  # bytes that are not UTF-8 are named by their line too
+                assert exc.line is not None and 1 <= exc.line <= raw.count(b"\n") + raw.count(b"\r") + 1, str(exc)
             return
     assert qs and all(0 <= q.answer < len(q.choices) for q in qs)
 
@@ -102,6 +116,7 @@ jsonl_line = st.one_of(jsonl_obj.map(json.dumps), json_value.map(json.dumps),
 
 @settings(max_examples=150, **FAST)
 @given(st.lists(jsonl_line, max_size=6))
+@example(["{}", "\ud800"])  # line 1 lacks its fields, line 2 is not UTF-8: line 1 is named
 def test_jsonl_loads_or_names_the_first_bad_line(lines):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.jsonl"
