@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from moe2lib import data
 from moe2lib.errors import InputError, ResourceUnavailable
 
+from conftest import examples
+
 
 def test_mmlu_splits_have_their_published_sizes():
     test = data.load_mmlu("test")
@@ -227,7 +229,7 @@ def test_stratified_sample_allocation_on_toy_subjects():
             data.stratified_sample(qs, bad, seed=0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16))
 def test_split_is_a_seeded_partition(sizes, fraction, seed):
     qs = _toy(sizes)
