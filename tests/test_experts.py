@@ -29,6 +29,7 @@ def pair(request):
     hf.close()
 
 
+@pytest.mark.slow  # loads each model in llama.cpp and in torch
 def test_backends_tokenise_alike(pair, sample):
     ll, hf = pair
     for q in sample[:10]:
@@ -36,6 +37,7 @@ def test_backends_tokenise_alike(pair, sample):
         assert ll.encode(prompt) == hf.encode(prompt)
 
 
+@pytest.mark.slow  # scores 57 prompts with both backends
 def test_backends_agree_within_tolerance(pair, sample):
     ll, hf = pair
     prompts = [data.format_prompt(q) for q in sample]
@@ -49,6 +51,7 @@ def test_backends_agree_within_tolerance(pair, sample):
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
 
 
+@pytest.mark.slow  # loads both models
 def test_gemma_prepends_bos_and_smollm2_does_not(sample):
     prompt = data.format_prompt(sample[0])
     gemma = experts.make_expert("gemma3-270m")
@@ -59,6 +62,7 @@ def test_gemma_prepends_bos_and_smollm2_does_not(sample):
     smol.close()
 
 
+@pytest.mark.slow  # scores with a model
 def test_results_do_not_depend_on_what_came_before(sample):
     e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
     prompts = [data.format_prompt(q) for q in sample[:4]]
@@ -68,6 +72,7 @@ def test_results_do_not_depend_on_what_came_before(sample):
     e.close()
 
 
+@pytest.mark.slow  # loads a model
 def test_unknown_backend_and_missing_adapter():
     with pytest.raises(InputError, match="backend"):
         experts.make_expert("gemma3-270m", backend="vllm-in-process")
