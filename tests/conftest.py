@@ -1,9 +1,37 @@
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Hypothesis keeps its caches (and the fuzz profile its examples) outside the working tree.
+HYPOTHESIS_HOME = Path(os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                                             str(Path(tempfile.gettempdir()) / "moe2-hypothesis")))
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE (or pytest's --hypothesis-profile):
+# - "ci", the default (`bash run.sh test`, .ci/run, `make test`, `make test-fast`): derandomised, so every run
+#   draws the same examples and passes or fails with the code, not by chance; no example database; no
+#   deadline or too-slow health check (timings on 2 busy cores are not the code's fault).
+# - "fuzz" (`make fuzz`): fresh randomness on each run and FUZZ_FACTOR times the examples (MOE2_FUZZ_FACTOR,
+#   default 10); a failure's example is kept in HYPOTHESIS_HOME/examples and tried first on the next run,
+#   and its reproduce blob printed. A failure found this way belongs in the test as an @example.
+FUZZ_FACTOR = int(os.environ.get("MOE2_FUZZ_FACTOR", "10"))
+settings.register_profile("ci", settings.get_profile("ci"), derandomize=True, database=None, deadline=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", settings.get_profile("ci"), derandomize=False, print_blob=True,
+                          max_examples=settings.get_profile("ci").max_examples * FUZZ_FACTOR,
+                          database=DirectoryBasedExampleDatabase(HYPOTHESIS_HOME / "examples"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or "ci")
+
+
+def examples(n: int) -> int:
+    """``max_examples`` for a property test that asks for ``n`` under the ci profile: scaled with the active
+    profile's ``max_examples`` (the fuzz profile's FUZZ_FACTOR), which a bare ``max_examples=n`` would pin."""
+    return max(1, n * settings().max_examples // settings.get_profile("ci").max_examples)
 
 
 def _has_data() -> bool:

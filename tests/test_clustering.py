@@ -65,6 +65,7 @@ def test_subject_cluster_matrix_and_labels():
     assert clustering.cluster_terms(texts, [0, 0, 1, 1], 2, n=2, min_count=3) == [[], []]  # all too rare
 
 
+@pytest.mark.slow  # UMAP compiles with numba first (~30 s)
 def test_umap_is_seeded_and_figures_draw():
     import matplotlib
     matplotlib.use("Agg")
@@ -80,6 +81,7 @@ def test_umap_is_seeded_and_figures_draw():
     assert fig.axes[0].get_images()[0].get_array().shape == (3, 3)
 
 
+@pytest.mark.slow  # loads the embedding model (torch)
 def test_embedding_cache_skips_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_CACHE", str(tmp_path))
     calls = []
@@ -106,6 +108,7 @@ def test_embedding_cache_skips_the_model(tmp_path, monkeypatch):
     assert len(calls) == 3 and len(list((tmp_path / "embeddings").glob("*.npy"))) == 2
 
 
+@pytest.mark.slow  # loads the embedding model (torch)
 def test_paraphrases_are_closer_than_unrelated_texts(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_CACHE", str(tmp_path))
     texts = ["What is the capital city of France?", "Which city is the capital of France?",
@@ -119,6 +122,7 @@ def test_paraphrases_are_closer_than_unrelated_texts(tmp_path, monkeypatch):
         assert sim[i + 1, i] > sim[i + 1, others].max() + 0.2
 
 
+@pytest.mark.slow  # loads the embedding model (torch)
 def test_embed_questions_uses_the_prompt_and_mgte_is_selectable(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_CACHE", str(tmp_path))
     q = loaders.Question("What is 2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics", "x.csv:1")

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from moe2lib.data import loaders
 from moe2lib.errors import InputError, ResourceUnavailable
 
+from conftest import examples
+
 
 def test_mmlu_splits_have_their_published_sizes():
     test = loaders.load_mmlu("test")
@@ -57,6 +59,30 @@ def test_malformed_rows_name_file_and_line(tmp_path, rows, line, message):
     assert f"toy_test.csv:{line}" in str(err.value)
 
 
+@pytest.mark.parametrize("raw, line, message", [
+    (b"q1,a,b,c,d,A\nq2,a,b,c,A\nq3,\xff,b,c,d,A\n", 2, "expected 6 columns"),  # short row before bad bytes
+    (b"q1,a,b,c,d,A\nq2,a,b,c,d,E\n\xff\n", 2, "got 'E'"),
+    (b'q1,a,b,c,d,A\n"two\nlines",a,b,c,d,B\nq3,\xe9,b,c,d,A\n', 4, "not UTF-8"),  # the bytes' own line
+    (b'\xef\xbb\xbfq1,a,b,c,d,A\r\n"cr\rcrlf\r\nq",a,b,c,d,B\rq3,a,b,c,d,\xff\n', 5, "not UTF-8"),
+])
+def test_csv_names_the_first_bad_line_whatever_its_fault(tmp_path, raw, line, message):
+    """Read, decoded and parsed a line at a time: a bad row is named before bad bytes further down."""
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "toy_test.csv").write_bytes(raw)
+    with pytest.raises(InputError, match=message) as err:
+        loaders.load_mmlu("test", tmp_path)
+    assert err.value.line == line and f"toy_test.csv:{line}: " in str(err.value)
+
+
+def test_csv_read_a_line_at_a_time_keeps_multiline_fields_and_line_ends(tmp_path):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "toy_test.csv").write_bytes(
+        '\ufeffq1,a,b,c,d,A\r\n"é\rcrlf\r\nq",a,b,c,d,B\rq3,a,"b\nb",c,d,C'.encode())
+    qs = loaders.load_mmlu("test", tmp_path)
+    assert [(q.question, q.choices[1], q.source.rsplit(":", 1)[1]) for q in qs] == [
+        ("q1", "b", "1"), ("é\rcrlf\r\nq", "b", "2"), ("q3", "b\nb", "5")]
+
+
 def test_empty_file_is_an_error(tmp_path):
     root = _mmlu_dir(tmp_path, "")
     with pytest.raises(InputError, match=r"toy_test\.csv: empty file"):
@@ -98,6 +124,12 @@ def test_jsonl_both_spellings_and_errors(tmp_path):
     bad.write_text("\n")
     with pytest.raises(InputError, match=r"bad\.jsonl: empty file"):
         loaders.load_jsonl(bad)
+    bad.write_bytes(b'{}\n\xed\xa0\x80\n')  # line 1 lacks every field, line 2 is not UTF-8: line 1 is named
+    with pytest.raises(InputError, match=r"bad\.jsonl:1: missing"):
+        loaders.load_jsonl(bad)
+    bad.write_bytes(b'{"query": "a", "choices": ["x", "y"], "gold": 0}\r\n\r\n\xff{}\n')
+    with pytest.raises(InputError, match=r"bad\.jsonl:3: not UTF-8"):
+        loaders.load_jsonl(bad)
 
 
 @pytest.mark.parametrize("obj, message", [
@@ -125,7 +157,7 @@ def test_real_jsonl_sets_load():
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path))
-    with pytest.raises(ResourceUnavailable, match="data.tar"):
+    with pytest.raises(ResourceUnavailable, match="loaders.tar"):
         loaders.resolve_data_dir()
     _mmlu_dir(tmp_path, "q,a,b,c,d,A\n")
     assert loaders.resolve_data_dir() == tmp_path
@@ -144,7 +176,7 @@ def test_data_dir_fallbacks(tmp_path, monkeypatch):
     with pytest.raises(ResourceUnavailable) as err:
         loaders.resolve_data_dir(need="mmlu/val")
     message = str(err.value)
-    assert str(tmp_path / "data") in message and "hendrycks/data.tar" in message and "MOE2_DATA_DIR" in message
+    assert str(tmp_path / "data") in message and "hendrycks/loaders.tar" in message and "MOE2_DATA_DIR" in message
 
 
 def _toy(sizes):
@@ -197,7 +229,7 @@ def test_stratified_sample_allocation_on_toy_subjects():
             loaders.stratified_sample(qs, bad, seed=0)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16))
 def test_split_is_a_seeded_partition(sizes, fraction, seed):
     qs = _toy(sizes)

@@ -30,6 +30,7 @@ def pair(request):
     hf.close()
 
 
+@pytest.mark.slow  # loads each model in llama.cpp and in torch
 def test_backends_tokenise_alike(pair, sample):
     ll, hf = pair
     for q in sample[:10]:
@@ -37,6 +38,7 @@ def test_backends_tokenise_alike(pair, sample):
         assert ll.encode(prompt) == hf.encode(prompt)
 
 
+@pytest.mark.slow  # scores 57 prompts with both backends
 def test_backends_agree_within_tolerance(pair, sample):
     ll, hf = pair
     prompts = [loaders.format_prompt(q) for q in sample]
@@ -50,6 +52,7 @@ def test_backends_agree_within_tolerance(pair, sample):
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95
 
 
+@pytest.mark.slow  # loads both models
 def test_gemma_prepends_bos_and_smollm2_does_not(sample):
     prompt = loaders.format_prompt(sample[0])
     gemma = experts.make_expert("gemma3-270m")
@@ -60,6 +63,7 @@ def test_gemma_prepends_bos_and_smollm2_does_not(sample):
     smol.close()
 
 
+@pytest.mark.slow  # scores with a model
 def test_results_do_not_depend_on_what_came_before(sample):
     e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
     prompts = [loaders.format_prompt(q) for q in sample[:4]]
@@ -69,6 +73,7 @@ def test_results_do_not_depend_on_what_came_before(sample):
     e.close()
 
 
+@pytest.mark.slow  # loads a model
 def test_unknown_backend_and_missing_adapter():
     with pytest.raises(InputError, match="backend"):
         experts.make_expert("gemma3-270m", backend="vllm-in-process")

@@ -9,12 +9,14 @@ from hypothesis import strategies as st
 from moe2lib.core import fusion, gating
 from moe2lib.errors import InputError
 
+from conftest import examples
+
 gates = st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=1, max_size=8)
 tokens = st.sampled_from(["a", "ab", "abc", " the", " t", "x", "\n", fusion.STOP])
 tops = st.dictionaries(tokens, st.floats(1e-6, 1.0), min_size=1, max_size=6)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(gates, st.data())
 def test_subset_weights_sum_to_one_on_the_subset(g, data):
     mask = np.array(data.draw(st.lists(st.booleans(), min_size=len(g), max_size=len(g))))
@@ -31,7 +33,7 @@ def test_subset_weights_sum_to_one_on_the_subset(g, data):
         np.testing.assert_allclose(w[mask] * g[mask].sum(), g[mask], rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(gates, st.integers(1, 8), st.data())
 def test_renormalising_after_a_drop_is_eq2_on_the_survivors(g, k, data):
     """Theorem 1: dropping an expert = eq. (2) on the survivors = the full weights renormalised."""
@@ -49,7 +51,7 @@ def test_renormalising_after_a_drop_is_eq2_on_the_survivors(g, k, data):
     np.testing.assert_allclose(w2, np.where(survivors, w, 0) / w[survivors].sum(), rtol=1e-9)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(tops, min_size=1, max_size=4), st.data(), st.sampled_from(fusion.REMAINDERS), st.booleans())
 def test_fused_is_a_distribution_over_the_union(ts, data, remainder, prefix):
     g = data.draw(st.lists(st.floats(0.01, 5.0), min_size=len(ts), max_size=len(ts)))

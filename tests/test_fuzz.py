@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from moe2lib.core import fusion, gating, smo
@@ -27,12 +27,14 @@ from moe2lib.errors import InputError
 from moe2lib.serve.coordinator import APIS, Coordinator, ExpertClient, ExpertFailed
 from moe2lib.serve.endpoint import Limits, ParsedRequest, make_app, parse_request
 
+from conftest import examples
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ============================================================================ data loaders
 
-cell = st.text(st.sampled_from(list("ab AD,\"\n\r\t\\é\x00\u2028\ufeff")), max_size=6)
+cell = st.text(st.sampled_from(list("ab AD,\"\n\r\t\\é\x00\u2028\ufeff\ud800")), max_size=6)  # \ud800: bad bytes
 csv_row = st.lists(st.one_of(cell, st.sampled_from(["A", "B", "C", "D", " B ", "E", ""])), max_size=8)
 
 
@@ -44,31 +46,42 @@ def _csv_text(rows, raw_lines):
 
 def _assert_names_file_and_line(exc: InputError, path: Path, n_lines: int):
     assert exc.path is not None and Path(exc.path).name == path.name, str(exc)
-    if "empty file" in str(exc) or "not UTF-8" in str(exc):
+    if "empty file" in str(exc):
         return  # a whole-file error
     assert exc.line is not None and 1 <= exc.line <= max(n_lines, 1), str(exc)
     assert f"{path.name}:{exc.line}" in str(exc)
 
 
-@settings(max_examples=120, **FAST)
+@settings(max_examples=examples(120), **FAST)
 @given(st.lists(csv_row, max_size=6), st.lists(cell, max_size=2))
-def test_mmlu_csv_loads_or_names_file_and_line(rows, raw_lines):
-    text = _csv_text(rows, raw_lines)
+@example([["q", "a", "b", "c", "d"]], ["\ud800"])  # a short row, then bad bytes: the row's line is named
+def test_mmlu_csv_loads_or_names_the_first_bad_line(rows, raw_lines):
+    raw = _csv_text(rows, raw_lines).encode("utf-8", "surrogatepass")
+    lines = raw.splitlines(keepends=True)  # lines as csv reads them: \r ends one too
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mmlu" / "test" / "fuzz_test.csv"
         path.parent.mkdir(parents=True)
-        path.write_text(text, encoding="utf-8", newline="")
+        path.write_bytes(raw)
         try:
             qs = loaders.load_mmlu("test", tmp)
         except InputError as exc:
-            n_lines = len(list(io.StringIO(text, newline="")))  # lines as Python reads them: \r ends one too
-            _assert_names_file_and_line(exc, path, n_lines)
+            _assert_names_file_and_line(exc, path, len(lines))
+            if "not UTF-8" in str(exc):  # the first line whose bytes are not UTF-8
+                with pytest.raises(UnicodeDecodeError):
+                    lines[exc.line - 1].decode("utf-8")
+                b"".join(lines[:exc.line - 1]).decode("utf-8")
+            elif exc.line is not None:  # a bad row: the rows before the line it starts on are fine
+                path.write_bytes(b"".join(lines[:exc.line - 1]))
+                try:
+                    loaders.load_mmlu("test", tmp)
+                except InputError as before:
+                    assert "empty file" in str(before), (exc, before)
             return
     assert qs and all(len(q.choices) == 4 and q.answer in range(4) and q.question.strip() for q in qs)
     assert all(q.source.startswith("mmlu/test/fuzz_test.csv:") for q in qs)
 
 
-@settings(max_examples=60, **FAST)
+@settings(max_examples=examples(60), **FAST)
 @given(st.binary(max_size=30), st.integers(0, 50), st.sampled_from(["csv", "jsonl"]))
 def test_arbitrary_bytes_load_or_name_the_file(junk, at, kind):
     good = (b"What is 2+2?,1,2,3,4,D\nWhat is 1+1?,1,2,3,4,B\n" if kind == "csv" else
@@ -83,7 +96,10 @@ def test_arbitrary_bytes_load_or_name_the_file(junk, at, kind):
             qs = loaders.load_mmlu("test", tmp) if kind == "csv" else loaders.load_jsonl(path)
         except InputError as exc:
             assert exc.path is not None and Path(exc.path).name == path.name, str(exc)
-            assert exc.line is None or 1 <= exc.line <= raw.count(b"\n") + raw.count(b"\r") + 1, str(exc)
+            if "empty file" in str(exc):
+                assert exc.line is None
+            else:  # bytes that are not UTF-8 are named by their line too
+                assert exc.line is not None and 1 <= exc.line <= raw.count(b"\n") + raw.count(b"\r") + 1, str(exc)
             return
     assert qs and all(0 <= q.answer < len(q.choices) for q in qs)
 
@@ -101,8 +117,9 @@ jsonl_line = st.one_of(jsonl_obj.map(json.dumps), json_value.map(json.dumps),
                        st.just(""), st.just("  "))
 
 
-@settings(max_examples=150, **FAST)
+@settings(max_examples=examples(150), **FAST)
 @given(st.lists(jsonl_line, max_size=6))
+@example(["{}", "\ud800"])  # line 1 lacks its fields, line 2 is not UTF-8: line 1 is named
 def test_jsonl_loads_or_names_the_first_bad_line(lines):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.jsonl"
@@ -138,7 +155,7 @@ token = st.one_of(st.sampled_from(["a", "ab", " the", " t", "\n", fusion.STOP]),
 prob = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 5e-324, 1e-300, 1.0]))
 
 
-@settings(max_examples=200, **FAST)
+@settings(max_examples=examples(200), **FAST)
 @given(st.lists(any_gate, min_size=1, max_size=8), st.data())
 def test_subset_weights_are_a_distribution_on_the_subset(g, draw):
     mask = np.array(draw.draw(st.lists(st.booleans(), min_size=len(g), max_size=len(g))))
@@ -150,7 +167,7 @@ def test_subset_weights_are_a_distribution_on_the_subset(g, draw):
     np.testing.assert_array_equal(gating.subset_weights(np.stack([g, np.ones(len(g))]), mask)[0], w)
 
 
-@settings(max_examples=200, **FAST)
+@settings(max_examples=examples(200), **FAST)
 @given(st.lists(st.floats(0.0, 1e6), min_size=1, max_size=8), st.integers(1, 10), st.data())
 def test_topk_mask_picks_the_k_largest_of_the_subset(g, k, draw):
     mask = np.array(draw.draw(st.lists(st.booleans(), min_size=len(g), max_size=len(g))))
@@ -161,7 +178,7 @@ def test_topk_mask_picks_the_k_largest_of_the_subset(g, k, draw):
         assert g[keep].min() >= g[mask & ~keep].max()
 
 
-@settings(max_examples=200, **FAST)
+@settings(max_examples=examples(200), **FAST)
 @given(st.lists(st.dictionaries(token, prob, min_size=1, max_size=5), min_size=1, max_size=4), st.data(),
        st.sampled_from(fusion.REMAINDERS), st.booleans(),
        st.one_of(st.just(0.0), st.floats(1e-320, 1e6), st.sampled_from([5e-324, 1e-310, 1e300])))
@@ -183,7 +200,7 @@ def test_fused_is_a_distribution_and_choose_picks_a_candidate(tops, draw, remain
         assert f.probs[f.candidates.index(piece)] == f.probs.max()
 
 
-@settings(max_examples=150, **FAST)
+@settings(max_examples=examples(150), **FAST)
 @given(st.dictionaries(st.text(max_size=3), st.one_of(st.none(), st.floats(), st.integers(-10**6, 10**6),
                                                       st.text(max_size=2)), max_size=5),
        st.sampled_from([None, "stop", "length"]))
@@ -205,7 +222,7 @@ _JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.floats(), st.integer
 _ENTRY = st.dictionaries(st.sampled_from(["token", "logprob", "tok_str", "prob", "x"]), _JSON, max_size=3)
 
 
-@settings(max_examples=150, **FAST)
+@settings(max_examples=examples(150), **FAST)
 @given(st.one_of(_JSON, st.fixed_dictionaries({}, optional={
     "completion_probabilities": st.lists(st.dictionaries(st.sampled_from(["top_logprobs", "probs"]),
                                                          st.lists(_ENTRY, max_size=3), max_size=2), max_size=2),
@@ -238,7 +255,7 @@ cost = st.one_of(st.floats(0.0, 50.0), st.sampled_from([0.0, 1.0, 5.0]))
 budget = st.one_of(st.floats(0.0, 200.0), st.sampled_from([0.0, 1.0, 10.0, math.inf]))
 
 
-@settings(max_examples=100, **FAST)
+@settings(max_examples=examples(100), **FAST)
 @given(st.integers(1, 10), st.data(), budget, budget, st.booleans())
 def test_smo_is_feasible_and_never_worse_than_exhaustive(K, draw, D, E, monotone):
     d = np.array(draw.draw(st.lists(cost, min_size=K, max_size=K)))
@@ -267,7 +284,7 @@ def test_smo_is_feasible_and_never_worse_than_exhaustive(K, draw, D, E, monotone
 bad_number = st.sampled_from([math.nan, -1.0, -math.inf, "x", None, [1.0], complex(1, 1)])
 
 
-@settings(max_examples=60, **FAST)
+@settings(max_examples=examples(60), **FAST)
 @given(st.sampled_from(["delay_budget", "energy_budget", "delay", "energy"]), bad_number)
 def test_smo_bad_budgets_and_costs_name_the_parameter(param, bad):
     args = dict(delay=np.array([1.0, 2.0]), energy=np.array([1.0, 1.0]), delay_budget=3.0, energy_budget=3.0)
@@ -318,7 +335,7 @@ def _check_parsed(req: ParsedRequest, limits: Limits):
     assert type(req.include_usage) is bool and (req.stream or not req.include_usage)
 
 
-@settings(max_examples=400, **FAST)
+@settings(max_examples=examples(400), **FAST)
 @given(raw_body, st.booleans())
 def test_request_parser_gives_a_valid_request_or_an_input_error(raw, chat):
     try:
@@ -364,7 +381,7 @@ def dead_app():
     return make_app(coord, LIMITS)
 
 
-@settings(max_examples=60, **FAST)
+@settings(max_examples=examples(60), **FAST)
 @given(raw_body, st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.booleans())
 def test_endpoint_answers_4xx_or_503_never_500(dead_app, raw, route, chunked):
     import httpx
@@ -459,7 +476,7 @@ model.eval(); llm.eval(ids); AutoModel.from_pretrained("x", trust_remote_code=Fa
 
 
 def test_library_and_benchmarks_have_no_unsafe_patterns():
-    files = sorted((REPO / "moe2lib").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
+    files = sorted((REPO / "moe2lib").rglob("*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
     assert len(files) > 10
     found = [f for p in files for f in unsafe_calls(p.read_text(encoding="utf-8"), p.name)]
     assert found == []

@@ -12,6 +12,8 @@ from moe2lib.analysis import evaluation
 from moe2lib.core import gating
 from moe2lib.errors import InputError
 
+from conftest import examples
+
 FAST = dict(hidden=(32, 16), lr=1e-2, max_epochs=25, patience=8, seed=0)
 
 
@@ -157,7 +159,7 @@ gates = hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 6)),
                    elements=st.floats(0, 10, allow_nan=False, allow_infinity=False))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(gates, st.data())
 def test_subset_weights_sum_to_one_inside_the_subset_and_vanish_outside(gate, data):
     n, k = gate.shape
@@ -172,7 +174,7 @@ def test_subset_weights_sum_to_one_inside_the_subset_and_vanish_outside(gate, da
         np.testing.assert_allclose(w[~rows][:, mask], 1 / mask.sum())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(gates, st.data())
 def test_topk_keeps_exactly_k_of_the_largest_gates_in_the_subset(gate, data):
     n, k = gate.shape
@@ -217,7 +219,7 @@ def test_subset_weights_broadcast_many_subsets_over_many_prompts():
     np.testing.assert_array_equal(w[2], 0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.integers(1, 5), st.integers(1, 5), st.integers(2, 5), st.integers(0, 2 ** 31))
 def test_fuse_gives_distributions(n, k, c, seed):
     rng = np.random.default_rng(seed)

@@ -62,6 +62,7 @@ def test_unknown_model_lists_known_ones():
         registry.get("all-minilm-l6-v2", "llm")
 
 
+@pytest.mark.slow  # loads the embedding model (torch)
 def test_packaged_embedding_model_embeds():
 
     st = registry.sentence_transformer()

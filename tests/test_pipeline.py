@@ -48,6 +48,7 @@ def test_cli_help_lists_commands():
     assert bad.returncode == 2 and "nope.yaml" in bad.stderr and "smoke" in bad.stderr
 
 
+@pytest.mark.slow  # the smoke pipeline: every notebook, real models
 def test_smoke_pipeline_runs_then_skips(smoke_run):
     tmp_path, outcome, logs = smoke_run
     assert set(outcome.values()) == {"ran"}
@@ -104,6 +105,7 @@ def _deterministic(value):
     return value
 
 
+@pytest.mark.slow  # a second smoke run
 def test_same_seed_gives_identical_metrics(smoke_run, tmp_path):
     """Two smoke runs with one seed: every metric that is not a timing is identical, bit for bit.
 
@@ -126,6 +128,7 @@ def test_same_seed_gives_identical_metrics(smoke_run, tmp_path):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{rel}:{key}")
 
 
+@pytest.mark.slow  # needs the smoke run
 def test_evaluate_resplits_a_finished_run_without_models(smoke_run):
     """`evaluate --seed S` retrains the gating on a new split from the run's artifacts and prints Fig. 3 as JSON."""
     root = smoke_run[0]

@@ -37,6 +37,7 @@ def _pixels(path):
     return matplotlib.image.imread(path)
 
 
+@pytest.mark.slow  # needs the smoke run
 def test_every_notebook_figure_is_redrawn_identically(redrawn):
     root, copy, done, logs = redrawn
     assert not done.skipped
@@ -49,6 +50,7 @@ def test_every_notebook_figure_is_redrawn_identically(redrawn):
     assert done.seconds < 60
 
 
+@pytest.mark.slow  # needs the smoke run
 def test_tables_are_rewritten_byte_for_byte(redrawn):
     root, copy, done, _ = redrawn
     src, out = root / "artifacts" / "tables", copy / "artifacts" / "tables"
@@ -58,6 +60,7 @@ def test_tables_are_rewritten_byte_for_byte(redrawn):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
 
 
+@pytest.mark.slow  # needs the smoke run
 def test_cli_loads_no_model_library(redrawn):
     _, copy, _, _ = redrawn
     code = ("import sys; from moe2lib.__main__ import main; rc = main(sys.argv[1:]); "
@@ -71,6 +74,7 @@ def test_cli_loads_no_model_library(redrawn):
     assert " files written in " in run.stdout
 
 
+@pytest.mark.slow  # needs the smoke run
 def test_absent_artifacts_skip_their_stage(redrawn, tmp_path):
     _, copy, _, _ = redrawn
     logs = []
@@ -85,6 +89,7 @@ def test_absent_artifacts_skip_their_stage(redrawn, tmp_path):
         report.regenerate(tmp_path / "art", tmp_path / "figures", ["nope"])
 
 
+@pytest.mark.slow  # needs the smoke run
 def test_fusion_figure_draws_the_steps_a_trace_has(smoke_run):
     import matplotlib.pyplot as plt
 

@@ -123,6 +123,7 @@ def test_subject_accuracy_and_letter_bias_known_answers():
     np.testing.assert_allclose(gold, [0.5, 0.25, 0, 0.25])
 
 
+@pytest.mark.slow  # scores with a model
 def test_real_model_scores_mmlu(tmp_path):
     questions = loaders.load_mmlu("test")
     sample = [questions[i] for i in loaders.stratified_sample(questions, 24, seed=0)]

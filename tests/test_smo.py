@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from moe2lib.core import smo
 from moe2lib.errors import InputError
 
+from conftest import examples
+
 try:  # small matmuls are far slower with several BLAS threads on a busy 2-core machine
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover
@@ -130,7 +132,7 @@ def assert_feasible(r, delay, energy, D, E):
 
 # ------------------------------------------------------------------ exactness
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(instances)
 def test_smo_matches_exhaustive_and_beats_greedy(p):
     loss, delay, energy, D, E = build(p)
@@ -166,7 +168,7 @@ dr_instances = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dr_instances)
 def test_stronger_bounds_match_exhaustive(p):
     if p["bounds"] == "convex" and p["kind"] != "synthetic":

@@ -127,6 +127,10 @@ def test_synthetic_files_parse(tmp_path):
     ("pubmed_qa_labeled", PUBMED.replace('"no"}', '"perhaps"}'), 1, "not one of the option lines"),
     ("pubmed_qa_labeled", "[1, 2]", 1, "JSON object"),
     ("pubmed_qa_labeled", b'{"context": "\xff"}', 1, "not UTF-8"),
+    # read a line at a time: a bad line 1 is named even when bad bytes follow
+    ("commonsense_qa", CSQA.replace("B. there", "B there").encode() + b"\n\xff\n", 1, "option lines"),
+    ("pubmed_qa_labeled", PUBMED.replace('"no"}', '"perhaps"}').encode() + b"\n\xff\n", 1, "option lines"),
+    ("winogrande", WINO.encode() + b"\n\n{\xed\xa0\x80}\n" + WINO.encode(), 3, "not UTF-8"),
     ("piqa", "\n\n", None, "empty file"),
 ])
 def test_malformed_input_names_file_and_line(tmp_path, name, text, line, message):

@@ -4,15 +4,18 @@ Every question becomes a :class:`Question`. Bad input (a row with the wrong numb
 answer outside A–D, an empty question, an empty file, a bad JSON line, bytes that are not UTF-8)
 raises an :class:`~moe2lib.errors.InputError` naming the file and the 1-based line; for a CSV row whose
 quoted fields span several lines, that is the line where the row starts (for bytes that are not UTF-8,
-the line of the first such byte).
+the line of the first such byte). Files are read, decoded and parsed a line at a time, so the line named
+is the first bad one, whether its fault is bytes, JSON, columns or fields.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import operator
 import os
+import re
 import string
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,30 +95,44 @@ def files_read() -> list[Path]:
     return sorted(_READ)
 
 
+_LINE_END = re.compile(rb"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
+
+
+def utf8_lines(fh, path, universal: bool = False):
+    """Each line of the binary file ``fh`` as text (line end kept), read and decoded one line at a time.
+
+    A loader that parses these as they come names the first bad line, whatever its fault: bytes that are
+    not UTF-8 raise InputError naming ``path`` and their line only once every line before it was parsed.
+    Lines end at "\\n" (JSON Lines); with ``universal`` also at "\\r" and "\\r\\n", as
+    ``open(path, newline="")`` splits them for :mod:`csv`. A UTF-8 byte-order mark at the start is dropped.
+    """
+    n = 0
+    for chunk in fh:
+        if n == 0 and chunk.startswith(codecs.BOM_UTF8):
+            chunk = chunk[len(codecs.BOM_UTF8):]
+            if not chunk:
+                continue
+        for raw in _LINE_END.findall(chunk) if universal and b"\r" in chunk else (chunk,):
+            n += 1
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=n) from None
+
+
 def _mmlu_rows(path: Path):
-    """(start line, row) for each CSV row; csv and decoding errors become InputError."""
+    """(start line, row) for each CSV row, the file read, decoded and parsed a line at a time; csv errors
+    become InputError at the row's first line, bytes that are not UTF-8 at their own line."""
     note_read(path)
     line = 1
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh)
+    with open(path, "rb") as fh:
+        reader = csv.reader(utf8_lines(fh, path, universal=True))
+        try:
             for row in reader:
                 start, line = line, reader.line_num + 1
                 yield start, row
-    except csv.Error as exc:
-        raise InputError(f"malformed CSV ({exc})", path=path, line=line) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
-
-
-def _bad_utf8_line(path: Path) -> int | None:
-    """1-based line of the first byte that is not UTF-8 (the text reader decodes in chunks, ahead of rows)."""
-    raw = Path(path).read_bytes()
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return raw.count(b"\n", 0, exc.start) + 1
-    return None
+        except csv.Error as exc:
+            raise InputError(f"malformed CSV ({exc})", path=path, line=line) from None
 
 
 def _read_mmlu_csv(path: Path, subject: str, root: Path) -> list[Question]:
@@ -167,47 +184,50 @@ def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) 
     return out
 
 
-def load_jsonl(path, subject: str | None = None) -> list[Question]:
+def iter_jsonl(path, subject: str | None = None):
     """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
 
-    Blank lines are skipped; the subject defaults to the file stem. The question text is kept as
-    written (e.g. ARC's "Question: " prefix stays), so prompts match the source data.
+    Lines end at "\\n"; blank lines are skipped; the subject defaults to the file stem. The question text
+    is kept as written (e.g. ARC's "Question: " prefix stays), so prompts match the source data. Questions
+    come as the file is read, so a caller that checks each one further also meets the first bad line first.
     """
     path = Path(path)
     subject = subject or path.stem
     note_read(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
-    out = []
-    for n, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON ({exc.msg})", path=path, line=n) from None
-        except (ValueError, RecursionError) as exc:  # a 4300+-digit integer, nesting deeper than the stack
-            raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
-        if not isinstance(obj, dict):
-            raise InputError("each line must be a JSON object", path=path, line=n)
-        question = obj.get("query", obj.get("question"))
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("missing or empty 'query'/'question'", path=path, line=n)
-        choices = obj.get("choices")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
-        given = gold = obj.get("gold", obj.get("answer"))
-        if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
-            gold = LETTERS.index(gold.strip().upper())
-        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-            raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
-                             f"got {given!r}", path=path, line=n)
-        out.append(Question(question, tuple(choices), gold, subject, f"{path.name}:{n}"))
-    if not out:
+    empty = True
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(utf8_lines(fh, path), start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"invalid JSON ({exc.msg})", path=path, line=n) from None
+            except (ValueError, RecursionError) as exc:  # a 4300+-digit integer, nesting deeper than the stack
+                raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
+            if not isinstance(obj, dict):
+                raise InputError("each line must be a JSON object", path=path, line=n)
+            question = obj.get("query", obj.get("question"))
+            if not isinstance(question, str) or not question.strip():
+                raise InputError("missing or empty 'query'/'question'", path=path, line=n)
+            choices = obj.get("choices")
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
+            given = gold = obj.get("gold", obj.get("answer"))
+            if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
+                gold = LETTERS.index(gold.strip().upper())
+            if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+                raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
+                                 f"got {given!r}", path=path, line=n)
+            empty = False
+            yield Question(question, tuple(choices), gold, subject, f"{path.name}:{n}")
+    if empty:
         raise InputError("empty file: no questions", path=path)
-    return out
+
+
+def load_jsonl(path, subject: str | None = None) -> list[Question]:
+    """The questions of a JSONL file (:func:`iter_jsonl`) as a list."""
+    return list(iter_jsonl(path, subject))
 
 
 def format_prompt(q: Question, template: str = DEFAULT_TEMPLATE) -> str:

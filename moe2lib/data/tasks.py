@@ -30,9 +30,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..infra.artifacts import read_json, write_json, write_text
-from .loaders import LETTERS, _bad_utf8_line, load_jsonl, load_mmlu, note_read, resolve_data_dir
 from ..errors import InputError, ResourceUnavailable
+from ..infra.artifacts import read_json, write_json, write_text
+from .loaders import LETTERS, iter_jsonl, load_mmlu, note_read, resolve_data_dir, utf8_lines
 
 
 @dataclass(frozen=True)
@@ -214,25 +214,23 @@ def _cloze(spec: TaskSpec, query: str, choices, gold: int, source: str, path, li
 
 
 def _json_rows(path: Path):
-    """(1-based line, object) per non-blank JSONL line; bad JSON, non-objects, non-UTF-8 and emptiness raise."""
+    """(1-based line, object) per non-blank JSONL line, read, decoded and parsed a line at a time as the caller
+    takes them (so the first bad line is the one named); bad JSON, non-objects, non-UTF-8 and emptiness raise."""
     note_read(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
-    rows = []
-    for n, raw in enumerate(text.split("\n"), start=1):
-        if raw.strip():
-            try:
-                obj = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
-            if not isinstance(obj, dict):
-                raise InputError("each line must be a JSON object", path=path, line=n)
-            rows.append((n, obj))
-    if not rows:
+    empty = True
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(utf8_lines(fh, path), start=1):
+            if raw.strip():
+                try:
+                    obj = json.loads(raw)
+                except (ValueError, RecursionError) as exc:
+                    raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
+                if not isinstance(obj, dict):
+                    raise InputError("each line must be a JSON object", path=path, line=n)
+                empty = False
+                yield n, obj
+    if empty:
         raise InputError("empty file: no questions", path=path)
-    return rows
 
 
 def _field(obj, key, kind, path, line):
@@ -251,7 +249,7 @@ def _field(obj, key, kind, path, line):
 
 def _read_query(spec, path, rel):
     out = []
-    for q in load_jsonl(path):
+    for q in iter_jsonl(path):
         line = int(q.source.rsplit(":", 1)[1])
         out.append(_cloze(spec, q.question, q.choices, q.answer, f"{rel}:{line}", path, line))
     return out
