@@ -157,7 +157,7 @@ def test_real_jsonl_sets_load():
 
 def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE2_DATA_DIR", str(tmp_path))
-    with pytest.raises(ResourceUnavailable, match="loaders.tar"):
+    with pytest.raises(ResourceUnavailable, match="data.tar"):
         loaders.resolve_data_dir()
     _mmlu_dir(tmp_path, "q,a,b,c,d,A\n")
     assert loaders.resolve_data_dir() == tmp_path
@@ -176,7 +176,7 @@ def test_data_dir_fallbacks(tmp_path, monkeypatch):
     with pytest.raises(ResourceUnavailable) as err:
         loaders.resolve_data_dir(need="mmlu/val")
     message = str(err.value)
-    assert str(tmp_path / "data") in message and "hendrycks/loaders.tar" in message and "MOE2_DATA_DIR" in message
+    assert str(tmp_path / "data") in message and "hendrycks/data.tar" in message and "MOE2_DATA_DIR" in message
 
 
 def _toy(sizes):
