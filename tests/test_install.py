@@ -53,3 +53,13 @@ def test_setup_reads_the_llama_version_from_requirements():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "sed -n 's/^llama-cpp-python\\[server\\]==//p'" in setup
     assert _reqs("requirements.txt")["llama-cpp-python"]
+
+
+def test_harness_extra_admits_the_pinned_lm_eval():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (req,) = [Requirement(r) for r in extras["harness"]]
+    assert req.name == "lm-eval" and req.specifier.contains(_reqs("requirements-nodeps.txt")["lm-eval"])

@@ -70,3 +70,54 @@ def test_packaged_embedding_model_embeds():
                      "The court ruled the contract void."], normalize_embeddings=True)
     assert emb.shape == (3, 384)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+def test_plain_config_drops_the_gguf_quantization_config(tmp_path):
+    from moe2lib.infra.artifacts import read_json, write_json
+
+    path = write_json(tmp_path / "config.json", {
+        "architectures": ["Gemma3ForCausalLM"], "dtype": "float32",
+        "quantization_config": {"quant_method": "gguf", "gguf_file": "m.gguf", "dequantize": False},
+        "text_config": {"hidden_size": 8, "quantization_config": {"quant_method": "gguf"}}})
+    registry.plain_config(path)
+    assert read_json(path) == {"architectures": ["Gemma3ForCausalLM"], "dtype": "float32",
+                               "text_config": {"hidden_size": 8}}
+    mtime = path.stat().st_mtime_ns
+    registry.plain_config(path)  # nothing to drop: the file is left alone
+    assert path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_cached_checkpoint_is_plain_and_loads_by_itself(name):
+    """The cached transformers checkpoint loads with ``from_pretrained(path)`` and nothing else (as lm-eval's
+    HFLM and other tools load it), as a plain float32 model whose logits are those of our loader (the
+    transformers backend) and of transformers' own dequantisation of the GGUF it was converted from."""
+    import json
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe2lib.models import experts
+
+    path = registry.hf_model_dir(name)
+    assert "quantization_config" not in (path / "config.json").read_text()
+    assert json.loads((path / "moe2_source.json").read_text())["format"] == registry.HF_FORMAT
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+    assert model.dtype == torch.float32
+
+    prompt = "The following are questions about astronomy.\nQuestion: Which planet is largest?\nAnswer:"
+    with experts.make_expert(name, backend="transformers", n_threads=2) as ours:
+        ids = torch.tensor([ours.encode(prompt)])
+        letters = ours.letter_logits([prompt])[0]
+        letter_ids = experts.answer_letter_ids(ours.encode_continuation, 4)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0]
+    np.testing.assert_allclose(logits[-1, letter_ids].numpy(), letters, rtol=0, atol=1e-4)
+
+    gguf = registry.locate(name, "llm")
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(source(input_ids=ids).logits[0], logits, rtol=0, atol=1e-4)

@@ -236,15 +236,39 @@ def display_name(name_or_path: str) -> str:
     return name_or_path if name_or_path in MODELS else Path(name_or_path).stem
 
 
+HF_FORMAT = 2
+"""Version of the cached transformers checkpoint, part of its cache key. 2: ``config.json`` without the
+GGUF's ``quantization_config`` (format 1 kept it, so transformers treated the plain weights as a GGUF
+to dequantise and lm-evaluation-harness's ``HFLM`` refused the folder)."""
+
+
+def plain_config(path) -> Path:
+    """Drop ``quantization_config`` from a checkpoint's ``config.json`` (and from its ``text_config``), atomically.
+
+    A model read from a GGUF keeps a ``GgufConfig`` in its config; saved as it is, the folder claims to be
+    quantised although its safetensors hold plain float weights.
+    """
+    path = Path(path)
+    config = artifacts.read_json(path)
+    dropped = config.pop("quantization_config", None) is not None
+    if isinstance(config.get("text_config"), dict):
+        dropped |= config["text_config"].pop("quantization_config", None) is not None
+    if dropped:
+        artifacts.write_json(path, config)
+    return path
+
+
 def hf_model_dir(name: str) -> Path:
-    """A transformers checkpoint (safetensors) of a GGUF model, converted once and cached.
+    """A plain transformers checkpoint (float32 safetensors) of a GGUF model, converted once and cached.
 
     transformers dequantises GGUF weights to float but refuses ``save_pretrained`` on such a model,
-    so the weights are moved into a model built from the same config and saved from there.
+    so the weights are moved into a model built from the same config and saved from there, with the
+    GGUF's ``quantization_config`` removed: ``AutoModelForCausalLM.from_pretrained(path)`` alone loads
+    it, and so do the tools built on it (lm-evaluation-harness's ``HFLM(pretrained=path)``).
     """
     gguf = locate(name, "llm")
     key = artifacts.digest({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size,
-                            "mtime": int(gguf.stat().st_mtime)})[:16]
+                            "mtime": int(gguf.stat().st_mtime), "format": HF_FORMAT})[:16]
     target = cache_dir() / "hf" / f"{display_name(name)}-{key}"
     if (target / "config.json").exists():
         return target
@@ -259,9 +283,15 @@ def hf_model_dir(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        plain_config(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
-        artifacts.write_json(tmp / "moe2_source.json", {"gguf": str(gguf), "sha256": artifacts.file_sha256(gguf)})
-        os.replace(tmp, target)
+        artifacts.write_json(tmp / "moe2_source.json", {"gguf": str(gguf), "sha256": artifacts.file_sha256(gguf),
+                                                        "format": HF_FORMAT})
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
