@@ -663,10 +663,12 @@ class _OpenBoxes:
 
     def push(self, boxes: list[_Box], bounds: np.ndarray) -> None:
         """Add ``boxes`` (``bounds``: their bounds as an array, ordered in one vectorised call)."""
+        heap, by_id, shift, last = self.heap, self.boxes, self.SHIFT, self.last_id
         for box, o in zip(boxes, _ordered(bounds)):
-            self.last_id += 1
-            self.boxes[self.last_id] = box
-            heapq.heappush(self.heap, (o << self.SHIFT) | self.last_id)
+            last += 1
+            by_id[last] = box
+            heapq.heappush(heap, (o << shift) | last)
+        self.last_id = last
 
     def least(self) -> _Box:
         """The open box of least bound (not removed)."""
@@ -837,8 +839,10 @@ class _BranchAndBound:
         if push.size:
             fkeys = self.s.oracle.codec.encode(c.F[push])
             nfree = (c.Z[push] & ~c.F[push]).sum(axis=1).tolist()
-            self.open.push([_Box(float(c.bound[r]), c.keys[r], fk, nf, float(c.top_loss[r]), batch.starts[c.parent[r]])
-                            for r, fk, nf in zip(push.tolist(), fkeys, nfree)], c.bound[push])
+            bounds, keys, losses, starts = c.bound[push], c.keys, c.top_loss[push].tolist(), batch.starts
+            self.open.push([_Box(b, keys[r], fk, nf, lz, starts[p]) for r, b, fk, nf, lz, p in
+                            zip(push.tolist(), bounds.tolist(), fkeys, nfree, losses, c.parent[push].tolist())],
+                           bounds)
         return push
 
     def project(self, c: _Children, push: np.ndarray) -> None:
