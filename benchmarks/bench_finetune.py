@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moe2lib.data.tasks import ChoiceItem, build_benchmark  # noqa: E402
-from moe2lib.models.finetune import LoraFineTuner  # noqa: E402
+from moe2lib.models.finetune import LoraFineTuner, LoraSettings  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 MODULES = {"attn": ATTN, "mlp": MLP, "all": ATTN + MLP}
-DEFAULTS = dict(rank=16, alpha=32, target_modules=ATTN + MLP, lr=1e-3, batch_size=8, epochs=1, dropout=0.05,
-                warmup_ratio=0.03, cutoff_len=256)
+DEFAULTS = LoraSettings()  # the default profile's: text target, r=16 on all seven projections, lr 1e-3, batch 8
 
 
 def load_items(task: str) -> list[ChoiceItem]:
@@ -59,7 +59,7 @@ def score(ft: LoraFineTuner, model, tok, items, batch_items: int = 8) -> dict:
     """Held-out accuracy by per-char normalised and by summed continuation log-likelihood."""
     import torch
 
-    scorer = LoraFineTuner(ft.base_model, target="choice_ce", choice_norm="sum")
+    scorer = LoraFineTuner(ft.base_model, LoraSettings(target="choice_ce", choice_norm="sum"))
     examples = scorer.encode(tok, items)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     right_char = right_sum = 0
@@ -79,9 +79,9 @@ def score(ft: LoraFineTuner, model, tok, items, batch_items: int = 8) -> dict:
     return {"acc_char": right_char / len(items), "acc_sum": right_sum / len(items)}
 
 
-def parse_variant(name: str) -> dict:
+def parse_variant(name: str) -> LoraSettings:
     kind, _, rest = name.partition(":")
-    kw = dict(DEFAULTS)
+    kw = {}
     if kind == "text":
         kw["target"] = "text"
     elif kind == "choice_ce":
@@ -100,7 +100,7 @@ def parse_variant(name: str) -> dict:
             kw[key] = float(value)
     if "rank" in rest and "alpha" not in rest:
         kw["alpha"] = 2 * kw["rank"]
-    return kw
+    return replace(DEFAULTS, **kw)
 
 
 def compare(args):
@@ -113,9 +113,9 @@ def compare(args):
     print(json.dumps(rows[-1]), flush=True)
     del model
     for name in args.variants:
-        kw = parse_variant(name)
         t0 = time.time()
-        ft = LoraFineTuner(args.model, n_threads=args.threads[0], progress=False, seed=args.seed, **kw).fit(train)
+        ft = LoraFineTuner(args.model, parse_variant(name), n_threads=args.threads[0], progress=False,
+                           seed=args.seed).fit(train)
         train_s = time.time() - t0
         res = score(ft, ft.model_, ft.tokenizer_, test)
         tps = float(np.median([h["tokens_per_s"] for h in ft.history_]))
@@ -133,7 +133,7 @@ def heldout_loss(ft: LoraFineTuner, items, batch: int = 8) -> float:
     """Token-weighted mean text-target loss of the trained model on ``items`` (not trained on)."""
     import torch
 
-    examples = [ex for ex in ft.encode(ft.tokenizer_, items) if len(ex.ids) <= ft.cutoff_len]
+    examples = [ex for ex in ft.encode(ft.tokenizer_, items) if len(ex.ids) <= ft.settings.cutoff_len]
     pad = ft.tokenizer_.pad_token_id if ft.tokenizer_.pad_token_id is not None else 0
     total = count = 0.0
     ft.model_.eval()
@@ -156,11 +156,11 @@ def speed(args):
     rows = []
 
     def run(label, threads=args.threads[0], bucketed=True, **kw):
-        ft = LoraFineTuner(args.model, target="text", n_threads=threads, progress=False, seed=0,
-                           **{**DEFAULTS, **kw})
+        ft = LoraFineTuner(args.model, replace(DEFAULTS, target="text", **kw), n_threads=threads, progress=False,
+                           seed=0)
         if not bucketed:  # shuffled batches, no sorting by length
             ft._order = lambda lengths, rng: [b for b in np.array_split(rng.permutation(len(lengths)),
-                                                                       -(-len(lengths) // ft.batch_size))]
+                                                                       -(-len(lengths) // ft.settings.batch_size))]
         t0 = time.time()
         try:
             ft.fit(items)
@@ -179,8 +179,8 @@ def speed(args):
               flush=True)
         return ft
 
-    print(f"{args.model}, {len(items)} {args.task} expert-training items (1 epoch, batch {DEFAULTS['batch_size']}, "
-          f"r={DEFAULTS['rank']}), loss on {len(held)} other ones; torch {torch.__version__}\n")
+    print(f"{args.model}, {len(items)} {args.task} expert-training items (1 epoch, batch {DEFAULTS.batch_size}, "
+          f"r={DEFAULTS.rank}), loss on {len(held)} other ones; torch {torch.__version__}\n")
     print(f"{'variant':34s} {'tokens/s':>8s} {'loss':>13s} {'held-out':>8s}")
     t1 = args.threads[0]
     first = run(f"random batches, {t1} thr", bucketed=False)

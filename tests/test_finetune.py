@@ -15,11 +15,13 @@ from moe2lib.data import loaders
 from moe2lib.data.tasks import ChoiceItem
 from moe2lib.errors import InputError
 from moe2lib.models import experts
-from moe2lib.models.finetune import ChoiceExample, LoraFineTuner, TextExample, fit_saved
+from moe2lib.models.finetune import ChoiceExample, LoraFineTuner, LoraSettings, TextExample, fit_saved
 
 slow = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 MLP = ("gate_proj", "up_proj", "down_proj")
+# the letter target with r=8 on the attention projections (lr 2e-4): what these tests were written for
+LETTER = dict(target="letter", rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), lr=2e-4)
 
 
 def arc_items(questions):
@@ -51,9 +53,13 @@ def questions():
     return [q for q in short if q.answer == 2][:12]
 
 
-def tuner(**kw):
-    args = dict(batch_size=4, max_steps=3, lr=2e-3, warmup_ratio=0.0, n_threads=1, progress=False)
-    return LoraFineTuner(MODEL, **{**args, **kw})
+def settings(**kw) -> LoraSettings:
+    return LoraSettings(**{**LETTER, **kw})
+
+
+def tuner(seed=0, **kw):
+    args = dict(batch_size=4, max_steps=3, lr=2e-3, warmup_ratio=0.0)
+    return LoraFineTuner(MODEL, settings(**{**args, **kw}), seed=seed, n_threads=1, progress=False)
 
 
 @slow
@@ -72,7 +78,7 @@ def test_examples_are_tokenised_as_the_experts_score_them(questions):
 def test_prompts_over_cutoff_are_dropped_not_cut(questions):
     """A cut prompt (its passage gone) is not what the expert is later asked, so it is not trained on."""
     examples = [([1] * 5, 0), ([1] * 10, 1), ([1] * 3, 2)]
-    assert list(LoraFineTuner(MODEL, cutoff_len=5).within_cutoff(examples)) == [0, 2]
+    assert list(LoraFineTuner(MODEL, settings(cutoff_len=5)).within_cutoff(examples)) == [0, 2]
     with pytest.raises(InputError, match="cutoff_len=4"):
         tuner(cutoff_len=4).fit(questions[:2])
 
@@ -142,11 +148,38 @@ def test_seeded_training_is_deterministic_learns_the_letter_and_resumes(question
 
 def test_bad_parameters():
     with pytest.raises(InputError, match="batch_size"):
-        LoraFineTuner(MODEL, batch_size=0).fit([])
+        LoraFineTuner(MODEL, settings(batch_size=0)).fit([])
     with pytest.raises(InputError, match="questions"):
         LoraFineTuner(MODEL).fit([])
     with pytest.raises(InputError, match="call fit"):
         LoraFineTuner(MODEL).save("unused")
+
+
+def test_settings_default_to_what_the_default_profile_trains():
+    """``LoraSettings()`` is the experts notebook's parameters cell as configs/default.yaml leaves it, down to the
+    fingerprint (32, not 32.0): a tuner built with the defaults reuses the default run's adapters."""
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    import yaml
+
+    from moe2lib.infra import artifacts
+
+    root = Path(__file__).resolve().parents[1]
+    cells = json.loads((root / "notebooks" / "03_experts.ipynb").read_text(encoding="utf-8"))["cells"]
+    values: dict = {}
+    exec("".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"]), values)
+    values.update(yaml.safe_load((root / "configs" / "default.yaml").read_text(encoding="utf-8"))["experts"])
+    values["layers"], values["max_steps"] = values["lora_layers"], values["max_steps"] or None
+    names = {f.name for f in fields(LoraSettings)} & set(values)
+    assert names >= {"target", "rank", "alpha", "dropout", "target_modules", "cutoff_len", "epochs", "batch_size",
+                     "grad_accum", "lr", "weight_decay", "max_grad_norm", "warmup_ratio", "max_steps", "layers"}
+    profile = LoraSettings(**{k: values[k] for k in names})
+    assert replace(profile, target_modules=tuple(profile.target_modules)) == LoraSettings()
+    params = LoraFineTuner(MODEL, profile).get_params()
+    assert params == LoraFineTuner(MODEL).get_params() and params["target"] == "text"
+    assert artifacts.digest(params) == artifacts.digest(LoraFineTuner(MODEL).get_params())
 
 
 def test_fit_saved_reads_back_a_finished_folder_of_the_same_fingerprint(questions, tmp_path):
@@ -197,10 +230,10 @@ def test_fingerprint_covers_target_items_and_gold(items, questions):
     from moe2lib.infra import artifacts
     from moe2lib.models.finetune import ENCODING
 
-    fps = {t: LoraFineTuner(MODEL, target=t).fingerprint(items) for t in ("text", "choice_ce")}
+    fps = {t: LoraFineTuner(MODEL, settings(target=t)).fingerprint(items) for t in ("text", "choice_ce")}
     assert fps["text"] != fps["choice_ce"]
-    assert LoraFineTuner(MODEL, target="choice_ce", choice_norm="sum").fingerprint(items) != fps["choice_ce"]
-    ft = LoraFineTuner(MODEL, target="text")
+    assert LoraFineTuner(MODEL, settings(target="choice_ce", choice_norm="sum")).fingerprint(items) != fps["choice_ce"]
+    ft = LoraFineTuner(MODEL, settings(target="text"))
     assert ft.fingerprint(items) == fps["text"]
     changed = [replace(items[0], gold=(items[0].gold + 1) % items[0].n_choices)] + items[1:]
     assert ft.fingerprint(changed) != fps["text"]
@@ -209,7 +242,7 @@ def test_fingerprint_covers_target_items_and_gold(items, questions):
     assert ft.fingerprint([items[0], replace(items[1], continuations=tuple(cont))] + items[2:]) != fps["text"]
     assert ft.fingerprint(items[:-1]) != fps["text"]
     # the letter target keeps the fingerprint it had before text targets (finished experts stay reusable)
-    letter = LoraFineTuner(MODEL)
+    letter = LoraFineTuner(MODEL, settings())
     params = {k: v for k, v in letter.get_params().items()}
     assert "target" not in params
     old = artifacts.digest({"params": params, "encoding": ENCODING, "questions": [q.source for q in questions],
@@ -220,15 +253,15 @@ def test_fingerprint_covers_target_items_and_gold(items, questions):
 
 def test_items_must_fit_the_target(items, questions):
     with pytest.raises(InputError, match="ChoiceItem"):
-        LoraFineTuner(MODEL, target="text").fit(questions)
+        LoraFineTuner(MODEL, settings(target="text")).fit(questions)
     with pytest.raises(InputError, match="Question"):
-        LoraFineTuner(MODEL).fit(items)
+        LoraFineTuner(MODEL, settings()).fit(items)
     with pytest.raises(InputError, match="target"):
-        LoraFineTuner(MODEL, target="answer").fit(items)
+        LoraFineTuner(MODEL, settings(target="answer")).fit(items)
     with pytest.raises(InputError, match="choice_norm"):
-        LoraFineTuner(MODEL, target="choice_ce", choice_norm="token").fit(items)
+        LoraFineTuner(MODEL, settings(target="choice_ce", choice_norm="token")).fit(items)
     with pytest.raises(InputError, match="gold"):
-        LoraFineTuner(MODEL, target="text").fit([replace(items[0], gold=9)])
+        LoraFineTuner(MODEL, settings(target="text")).fit([replace(items[0], gold=9)])
 
 
 def test_text_collate_puts_labels_on_the_continuation_only():
@@ -245,8 +278,8 @@ def test_text_collate_puts_labels_on_the_continuation_only():
     assert norms.tolist() == [2.0, 3.0, 2.0, 3.0]
     # cutoff: a text example's length is context + continuation, a choice example's its longest choice
     mixed = examples + [choice, TextExample([1, 2, 3, 4], 1)]  # lengths 5, 3, 4 (longest choice), 4
-    assert list(LoraFineTuner(MODEL, cutoff_len=4, target="choice_ce").within_cutoff(mixed)) == [1, 2, 3]
-    assert list(LoraFineTuner(MODEL, cutoff_len=3, target="choice_ce").within_cutoff(mixed)) == [1]
+    assert list(LoraFineTuner(MODEL, settings(cutoff_len=4, target="choice_ce")).within_cutoff(mixed)) == [1, 2, 3]
+    assert list(LoraFineTuner(MODEL, settings(cutoff_len=3, target="choice_ce")).within_cutoff(mixed)) == [1]
 
 
 @slow
@@ -255,7 +288,7 @@ def test_text_loss_matches_gemma_forward_with_soft_capping(items):
     forward, also with the final logit soft-capping turned on (Gemma 3's config leaves it off)."""
     import torch
 
-    ft = LoraFineTuner("gemma3-270m", target="text")
+    ft = LoraFineTuner("gemma3-270m", settings(target="text"))
     model, tok = ft.load_base()
     model.eval()
     examples = ft.encode(tok, items[:2])
@@ -280,7 +313,7 @@ def test_text_examples_are_context_then_continuation_ids(items):
             ctx, cont = it.pairs()[it.gold]
             cont_ids = ll._load().tokenize(cont.encode(), add_bos=False, special=False)
             assert ex.ids == ll.encode(ctx) + cont_ids and ex.n_target == len(cont_ids)
-    ce = LoraFineTuner(MODEL, target="choice_ce").encode(tok, items[:2])
+    ce = LoraFineTuner(MODEL, settings(target="choice_ce")).encode(tok, items[:2])
     assert [len(ex.choices) for ex in ce] == [it.n_choices for it in items[:2]]
     assert ce[0].norms == tuple(float(len(c)) for c in items[0].continuations)
     assert ce[0].choices[items[0].gold] == ft.encode(tok, items[:1])[0]
@@ -367,12 +400,12 @@ def test_speed_options_are_checked_and_enter_the_fingerprint_only_when_set(tmp_p
     for kw, param in (({"precision": "fp16"}, "precision"), ({"layers": [-1]}, "layers"),
                       ({"layers": []}, "layers"), ({"layers": "0,1"}, "layers")):
         with pytest.raises(InputError) as info:
-            LoraFineTuner(MODEL, **kw)._check()
+            LoraFineTuner(MODEL, settings(**kw))._check()
         assert info.value.param == param
-    default = LoraFineTuner(MODEL, target="text").get_params()
+    default = LoraFineTuner(MODEL, settings(target="text")).get_params()
     assert "layers" not in default and "precision" not in default  # existing experts keep their keys
-    assert LoraFineTuner(MODEL, target="text", layers=(2, 3)).get_params()["layers"] == [2, 3]
-    assert LoraFineTuner(MODEL, target="text", precision="bf16").get_params()["precision"] == "bf16"
+    assert LoraFineTuner(MODEL, settings(target="text", layers=(2, 3))).get_params()["layers"] == [2, 3]
+    assert LoraFineTuner(MODEL, settings(target="text", precision="bf16")).get_params()["precision"] == "bf16"
     cpu = tmp_path / "cpuinfo"
     cpu.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert bf16_supported(str(cpu))

@@ -190,10 +190,11 @@ def test_scoring_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- (b) LoRA fine-tuning
 
 def tuner():
-    from moe2lib.models.finetune import LoraFineTuner
+    from moe2lib.models.finetune import LoraFineTuner, LoraSettings
 
-    return LoraFineTuner(MODEL, batch_size=1, max_steps=2, lr=1e-3, warmup_ratio=0.0, seed=0, n_threads=1,
-                         progress=False)
+    settings = LoraSettings(target="letter", rank=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                            batch_size=1, max_steps=2, lr=1e-3, warmup_ratio=0.0)
+    return LoraFineTuner(MODEL, settings, seed=0, n_threads=1, progress=False)
 
 
 def train_two(root) -> list:

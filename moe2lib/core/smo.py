@@ -628,101 +628,290 @@ def _incumbents(s: "_Search", heuristics: str) -> None:
         s.offer(m[None, :], oracle(m[None, :]))
 
 
-def _branch_and_bound(s: "_Search", root_loss: float, *, eps: float, batch_size: int, rank: np.ndarray,
-                      projections: int, bounds: str, relax_iters: int, tol: float) -> tuple[float, bool]:
+@dataclass(slots=True)
+class _Box:
+    """An open box ``{S : F <= S <= Z}`` of the search: the polyblock vertex ``Z`` with the experts ``F`` fixed in.
+
+    ``Z`` and ``F`` are kept as the oracle's hashable keys (``_Codec``). ``start`` is what refining the box's
+    bound starts from when it is expanded: its parent's :class:`_Marginals` (``bounds="marginals"``), its
+    parent's relaxation point (``"convex"``) or None (``"monotone"``).
+    """
+
+    bound: float      # a lower bound on the loss of every subset in the box
+    top: object       # Z, encoded
+    fixed: object     # F, encoded
+    n_free: int       # |Z - F|: at most this many children when expanded
+    top_loss: float   # L(Z)
+    start: object = None
+
+
+class _OpenBoxes:
+    """The open boxes, least bound first (ties: the earlier box).
+
+    The heap holds ints ``ordered(bound) << 40 | id`` (fast to compare); the boxes themselves are kept by id.
+    """
+
+    SHIFT, ID = 40, (1 << 40) - 1
+
+    def __init__(self):
+        self.heap: list[int] = []
+        self.boxes: dict[int, _Box] = {}
+        self.last_id = -1
+
+    def __bool__(self) -> bool:
+        return bool(self.heap)
+
+    def push(self, boxes: list[_Box], bounds: np.ndarray) -> None:
+        """Add ``boxes`` (``bounds``: their bounds as an array, ordered in one vectorised call)."""
+        heap, by_id, shift, last = self.heap, self.boxes, self.SHIFT, self.last_id
+        for box, o in zip(boxes, _ordered(bounds)):
+            last += 1
+            by_id[last] = box
+            heapq.heappush(heap, (o << shift) | last)
+        self.last_id = last
+
+    def least(self) -> _Box:
+        """The open box of least bound (not removed)."""
+        return self.boxes[self.heap[0] & self.ID]
+
+    def pop_below(self, cut: float, n_children: int) -> list[_Box]:
+        """Remove and return the boxes of least bound, while their bound is below ``cut`` and until they have
+        ``n_children`` free experts in all."""
+        heap, boxes, ID = self.heap, self.boxes, self.ID
+        popped, n = [], 0
+        while heap and n < n_children:
+            box = boxes[heap[0] & ID]
+            if box.bound >= cut:
+                break
+            del boxes[heapq.heappop(heap) & ID]
+            popped.append(box)
+            n += box.n_free
+        return popped
+
+    def clear(self) -> None:
+        self.heap, self.boxes = [], {}
+
+
+@dataclass
+class _Batch:
+    """Boxes expanded together, as arrays: top vertices ``Z`` and fixed sets ``F`` (rows), ``L(Z)``, the boxes'
+    bounds, and per box what refining its bound starts from (see :class:`_Box`)."""
+
+    Z: np.ndarray
+    F: np.ndarray
+    top_loss: np.ndarray
+    bound: np.ndarray
+    starts: list
+
+    def take(self, keep: np.ndarray) -> "_Batch":
+        """The boxes where the bool array ``keep`` is True."""
+        return _Batch(self.Z[keep], self.F[keep], self.top_loss[keep], self.bound[keep],
+                      [r for r, k in zip(self.starts, keep) if k])
+
+
+@dataclass
+class _Children:
+    """The child boxes of a batch (rows), with ``L(Z)`` evaluated: ``parent`` is each child's row in the batch,
+    ``keys`` the encoded ``Z``, ``feasible`` whether ``Z`` itself fits the energy budget, ``bound`` the child's
+    bound (its own ``L(Z)``, its parent's bound, and the marginal bound where that applies)."""
+
+    Z: np.ndarray
+    F: np.ndarray
+    parent: np.ndarray
+    keys: list
+    top_loss: np.ndarray
+    feasible: np.ndarray
+    bound: np.ndarray
+
+
+class _BranchAndBound:
     """Best-first search over boxes ``{S : F <= S <= Z}`` from the root box (all allowed experts).
 
-    Returns ``(bound, finished)``: the certified lower bound on the optimum and whether the search
-    ran to its end (False: stopped by the time or evaluation limit with boxes still open).
+    Each round takes the open boxes of least bound (:meth:`take`), tightens their bounds with the stronger
+    ``bounds`` and drops the ones that cannot beat the incumbent (:meth:`refine`), splits them into their child
+    boxes, whose top vertices are evaluated and offered as incumbents (:meth:`children`), keeps the children
+    that can still beat the incumbent open (:meth:`keep_open`) and projects the best of those onto the feasible
+    set (:meth:`project`). :meth:`run` repeats that until the least open bound meets the incumbent or a limit
+    stops the search.
     """
-    oracle, e, E, allowed, K = s.oracle, s.e, s.E, s.allowed, s.K
-    # value per joule of each expert, from the leave-one-out losses at the root (for projections)
-    score = np.zeros(K)
-    if projections:
-        loo = np.repeat(allowed[None, :], K, axis=0)
-        loo[np.arange(K), np.arange(K)] = False
-        idx = np.flatnonzero(allowed & loo.any(axis=1))
-        score[idx] = (oracle(loo[idx]) - root_loss) / np.maximum(e[idx], 1e-12)
-    # open boxes: a heap of ints (ordered bound << 40 | id), fast to compare; the box itself
-    # (bound, top vertex, fixed set, number of free experts, L(top), what refining its bound starts from:
-    # the parent's marginals or relaxation point) is kept in ``boxes`` under its id; the bound is refined
-    # when the box is expanded
-    codec = oracle.codec
-    SHIFT, ID = 40, (1 << 40) - 1
-    start = allowed.astype(float) if bounds == "convex" else None
-    boxes = {0: (root_loss, codec.encode(allowed[None, :])[0],
-                 codec.encode(np.zeros((1, K), dtype=bool))[0], int(allowed.sum()), root_loss, start)}
-    heap = [(_ordered(np.array([root_loss]))[0] << SHIFT) | 0]
-    seq = 0
-    pruned_min = math.inf  # least bound of any part of the search space discarded by the cut
 
-    while heap:
-        if boxes[heap[0] & ID][0] >= s.best_loss - eps or s.out_of_budget():
-            break
-        popped, n_children = [], 0
-        while heap and n_children < batch_size:
-            top = boxes[heap[0] & ID]
-            if top[0] >= s.best_loss - eps:
+    def __init__(self, s: "_Search", root_loss: float, *, eps: float, batch_size: int, rank: np.ndarray,
+                 projections: int, bounds: str, relax_iters: int, tol: float):
+        self.s, self.eps, self.batch_size, self.rank = s, eps, batch_size, rank
+        self.projections, self.bounds, self.relax_iters, self.tol = projections, bounds, relax_iters, tol
+        self.score = self._projection_scores(root_loss)
+        self.open = _OpenBoxes()
+        self.pruned_min = math.inf  # least bound of any part of the search space discarded by the cut
+        codec, K = s.oracle.codec, s.K
+        start = s.allowed.astype(float) if bounds == "convex" else None
+        root = _Box(root_loss, codec.encode(s.allowed[None, :])[0], codec.encode(np.zeros((1, K), dtype=bool))[0],
+                   int(s.allowed.sum()), root_loss, start)
+        self.open.push([root], np.array([root_loss]))
+
+    def _projection_scores(self, root_loss: float) -> np.ndarray:
+        """Value per joule of each expert, from the leave-one-out losses at the root (zeros without projections)."""
+        s = self.s
+        score = np.zeros(s.K)
+        if self.projections:
+            loo = np.repeat(s.allowed[None, :], s.K, axis=0)
+            loo[np.arange(s.K), np.arange(s.K)] = False
+            idx = np.flatnonzero(s.allowed & loo.any(axis=1))
+            score[idx] = (s.oracle(loo[idx]) - root_loss) / np.maximum(s.e[idx], 1e-12)
+        return score
+
+    def cut(self) -> float:
+        """Boxes whose bound reaches this cannot improve the incumbent by more than ``eps``."""
+        return self.s.best_loss - self.eps
+
+    def run(self) -> tuple[float, bool]:
+        """``(bound, finished)``: the certified lower bound on the optimum and whether the search ran to its end
+        (False: stopped by the time or evaluation limit with boxes still open)."""
+        while self.open:
+            if self.open.least().bound >= self.cut() or self.s.out_of_budget():
                 break
-            popped.append(boxes.pop(heapq.heappop(heap) & ID))
-            n_children += top[3]
+            batch = self.take()
+            if batch is not None and self.bounds != "monotone":
+                batch = self.refine(batch)
+            children = None if batch is None else self.children(batch)
+            if children is None:
+                continue
+            push = self.keep_open(children, batch)
+            if self.projections and push.size:
+                self.project(children, push)
+        return self.finish()
+
+    def take(self) -> _Batch | None:
+        """The open boxes of least bound below the cut, about ``batch_size`` children's worth (None: none)."""
+        popped = self.open.pop_below(self.cut(), self.batch_size)
         if not popped:
-            continue
-        Z = codec.decode([bx[1] for bx in popped])
-        F = codec.decode([bx[2] for bx in popped])
-        lz = np.array([bx[4] for bx in popped])
-        bnd = np.array([bx[0] for bx in popped])
-        refs = [bx[5] for bx in popped]
-        if bounds != "monotone":  # refine each box's bound from what it carries; children inherit it
-            if bounds == "marginals":
-                refs = _Marginals.of(oracle, Z, F, lz)
-                bnd = np.maximum(bnd, _marginal_bound(refs, Z, F, lz, e, E))
-            else:
-                b_own, x_own = _convex_bound(oracle.relaxed, np.stack(refs), Z, F, lz, e, E, relax_iters)
-                bnd, refs = np.maximum(bnd, b_own), list(x_own)
-            dead = bnd >= s.best_loss - eps
-            if dead.any():
-                pruned_min = min(pruned_min, float(bnd[dead].min()))
-                keep = ~dead
-                Z, F, lz, bnd = Z[keep], F[keep], lz[keep], bnd[keep]
-                refs = [r for r, k in zip(refs, keep) if k]
-                if not keep.any():
-                    continue
-        Zc, Fc, parent = _expand(Z, F, np.broadcast_to(rank, Z.shape), e, allowed, E, tol)
+            return None
+        codec = self.s.oracle.codec
+        return _Batch(codec.decode([bx.top for bx in popped]), codec.decode([bx.fixed for bx in popped]),
+                      np.array([bx.top_loss for bx in popped]), np.array([bx.bound for bx in popped]),
+                      [bx.start for bx in popped])
+
+    def refine(self, batch: _Batch) -> _Batch | None:
+        """The batch with each box's bound refined from what it carries (its children inherit the result), less
+        the boxes that cannot beat the incumbent any more (None: none is left)."""
+        s = self.s
+        if self.bounds == "marginals":
+            starts = _Marginals.of(s.oracle, batch.Z, batch.F, batch.top_loss)
+            bnd = np.maximum(batch.bound, _marginal_bound(starts, batch.Z, batch.F, batch.top_loss, s.e, s.E))
+        else:
+            b_own, x_own = _convex_bound(s.oracle.relaxed, np.stack(batch.starts), batch.Z, batch.F,
+                                         batch.top_loss, s.e, s.E, self.relax_iters)
+            bnd, starts = np.maximum(batch.bound, b_own), list(x_own)
+        batch = _Batch(batch.Z, batch.F, batch.top_loss, bnd, starts)
+        dead = bnd >= self.cut()
+        if not dead.any():
+            return batch
+        self.pruned_min = min(self.pruned_min, float(bnd[dead].min()))
+        return batch.take(~dead) if not dead.all() else None
+
+    def children(self, batch: _Batch) -> _Children | None:
+        """The batch's child boxes (:func:`_expand`), their top vertices evaluated and the feasible ones offered
+        as incumbents (None: no child)."""
+        s = self.s
+        Zc, Fc, parent = _expand(batch.Z, batch.F, np.broadcast_to(self.rank, batch.Z.shape), s.e, s.allowed,
+                                 s.E, self.tol)
         if Zc.shape[0] == 0:
-            continue
-        keys = codec.encode(Zc)
-        vals = oracle(Zc, keys)
-        feas = subset_energy(Zc, e) <= E
+            return None
+        keys = s.oracle.codec.encode(Zc)
+        vals = s.oracle(Zc, keys)
+        feas = subset_energy(Zc, s.e) <= s.E
         s.offer(Zc[feas], vals[feas])
-        child = np.maximum(vals, bnd[parent])  # a child box lies inside its parent's
-        if bounds == "marginals":
+        bound = np.maximum(vals, batch.bound[parent])  # a child box lies inside its parent's
+        if self.bounds == "marginals":
             inf = np.flatnonzero(~feas)
             if inf.size:
-                child[inf] = np.maximum(child[inf], _marginal_bound(
-                    [refs[j] for j in parent[inf]], Zc[inf], Fc[inf], vals[inf], e, E))
-        cut = s.best_loss - eps
-        push = np.flatnonzero(~feas & (child < cut))
-        high = child[~feas & (child >= cut)]
-        if high.size:
-            pruned_min = min(pruned_min, float(high.min()))
-        if push.size:
-            fkeys = codec.encode(Fc[push])
-            nfree = (Zc[push] & ~Fc[push]).sum(axis=1).tolist()
-            for r, o, fk, nf in zip(push.tolist(), _ordered(child[push]), fkeys, nfree):
-                seq += 1
-                boxes[seq] = (float(child[r]), keys[r], fk, nf, float(vals[r]), refs[parent[r]])
-                heapq.heappush(heap, (o << SHIFT) | seq)
-        if projections and push.size:
-            best = push[np.argsort(child[push], kind="stable")[:projections]]
-            P = s.project(Zc[best], Fc[best], score)
-            if P.shape[0]:
-                s.offer(P, oracle(P))
+                bound[inf] = np.maximum(bound[inf], _marginal_bound(
+                    [batch.starts[j] for j in parent[inf]], Zc[inf], Fc[inf], vals[inf], s.e, s.E))
+        return _Children(Zc, Fc, parent, keys, vals, feas, bound)
 
-    open_min = boxes[heap[0] & ID][0] if heap else math.inf
-    if heap and open_min >= s.best_loss - eps:  # finished: the rest is pruned by the cut
-        pruned_min, open_min, heap = min(pruned_min, open_min), math.inf, []
-    return min(s.best_loss, pruned_min, open_min), not heap
+    def keep_open(self, c: _Children, batch: _Batch) -> np.ndarray:
+        """Open the infeasible children below the cut (a feasible one is its own box's best subset, already
+        offered); the rest is pruned. Returns the rows of ``c`` opened."""
+        cut = self.cut()
+        push = np.flatnonzero(~c.feasible & (c.bound < cut))
+        high = c.bound[~c.feasible & (c.bound >= cut)]
+        if high.size:
+            self.pruned_min = min(self.pruned_min, float(high.min()))
+        if push.size:
+            fkeys = self.s.oracle.codec.encode(c.F[push])
+            nfree = (c.Z[push] & ~c.F[push]).sum(axis=1).tolist()
+            bounds, keys, losses, starts = c.bound[push], c.keys, c.top_loss[push].tolist(), batch.starts
+            self.open.push([_Box(b, keys[r], fk, nf, lz, starts[p]) for r, b, fk, nf, lz, p in
+                            zip(push.tolist(), bounds.tolist(), fkeys, nfree, losses, c.parent[push].tolist())],
+                           bounds)
+        return push
+
+    def project(self, c: _Children, push: np.ndarray) -> None:
+        """Offer the projections onto the feasible set of the ``projections`` best children just opened."""
+        best = push[np.argsort(c.bound[push], kind="stable")[:self.projections]]
+        P = self.s.project(c.Z[best], c.F[best], self.score)
+        if P.shape[0]:
+            self.s.offer(P, self.s.oracle(P))
+
+    def finish(self) -> tuple[float, bool]:
+        """The search's certified bound and whether it finished (see :meth:`run`)."""
+        open_min = self.open.least().bound if self.open else math.inf
+        if self.open and open_min >= self.cut():  # finished: the rest is pruned by the cut
+            self.pruned_min, open_min = min(self.pruned_min, open_min), math.inf
+            self.open.clear()
+        return min(self.s.best_loss, self.pruned_min, open_min), not self.open
+
+
+@dataclass(frozen=True)
+class _SearchOptions:
+    """:func:`select_subset`'s search options, checked (see its parameters)."""
+
+    eps: float
+    time_limit: float | None
+    batch_size: int
+    max_evaluations: int | None
+    branch_order: str
+    heuristics: str
+    projections: int
+    bounds: str
+    relax_iters: int
+
+    @classmethod
+    def checked(cls, loss, *, eps, time_limit, batch_size, max_evaluations, branch_order, heuristics,
+                projections, bounds, relax_iters) -> "_SearchOptions":
+        """The options, or InputError naming the first bad one."""
+        try:
+            eps = float(eps)
+        except (TypeError, ValueError):
+            raise InputError(f"must be a real number, got {eps!r}", param="eps") from None
+        if math.isnan(eps) or eps < 0:
+            raise InputError("must be a non-negative number", param="eps")
+        batch_size = _positive_int(batch_size, "batch_size")
+        max_evaluations = _positive_int(max_evaluations, "max_evaluations", allow_none=True)
+        if time_limit is not None:
+            time_limit = _budget(time_limit, "time_limit")
+        if heuristics not in ("auto", "greedy", "full", "none"):
+            raise InputError("must be 'auto', 'greedy', 'full' or 'none'", param="heuristics")
+        if branch_order not in ("energy", "index"):
+            raise InputError("must be 'energy' or 'index'", param="branch_order")
+        if bounds not in ("monotone", "marginals", "convex"):
+            raise InputError("must be 'monotone', 'marginals' or 'convex'", param="bounds")
+        relax_iters = _positive_int(relax_iters, "relax_iters")
+        if bounds == "convex" and not callable(getattr(loss, "relaxed", None)):
+            raise InputError("bounds='convex' needs loss.relaxed(X) -> (values, gradients), the loss's "
+                             "convex extension to [0, 1]^K (SyntheticLoss(monotone=True) has one)", param="loss")
+        return cls(eps, time_limit, batch_size, max_evaluations, branch_order, heuristics, projections, bounds,
+                   relax_iters)
+
+
+def _branch_rank(e: np.ndarray, branch_order: str) -> np.ndarray:
+    """Each expert's place in the branching order: ``"energy"``, high-energy experts first (fixing them in
+    exhausts the budget fast; ties by index), or ``"index"``."""
+    K = e.size
+    if branch_order == "index":
+        return np.arange(K)
+    rank = np.empty(K, dtype=np.int64)
+    rank[np.lexsort((np.arange(K), -e))] = np.arange(K)
+    return rank
 
 
 def select_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *, eps: float = 0.0,
@@ -771,49 +960,27 @@ def select_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *, e
     """
     t0 = time.perf_counter()
     d, e, D, E = _validate(delay, energy, delay_budget, energy_budget)
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise InputError(f"must be a real number, got {eps!r}", param="eps") from None
-    if math.isnan(eps) or eps < 0:
-        raise InputError("must be a non-negative number", param="eps")
-    batch_size = _positive_int(batch_size, "batch_size")
-    max_evaluations = _positive_int(max_evaluations, "max_evaluations", allow_none=True)
-    if time_limit is not None:
-        time_limit = _budget(time_limit, "time_limit")
-    if heuristics not in ("auto", "greedy", "full", "none"):
-        raise InputError("must be 'auto', 'greedy', 'full' or 'none'", param="heuristics")
-    if branch_order not in ("energy", "index"):
-        raise InputError("must be 'energy' or 'index'", param="branch_order")
-    if bounds not in ("monotone", "marginals", "convex"):
-        raise InputError("must be 'monotone', 'marginals' or 'convex'", param="bounds")
-    relax_iters = _positive_int(relax_iters, "relax_iters")
-    if bounds == "convex" and not callable(getattr(loss, "relaxed", None)):
-        raise InputError("bounds='convex' needs loss.relaxed(X) -> (values, gradients), the loss's "
-                         "convex extension to [0, 1]^K (SyntheticLoss(monotone=True) has one)", param="loss")
+    opt = _SearchOptions.checked(loss, eps=eps, time_limit=time_limit, batch_size=batch_size,
+                                 max_evaluations=max_evaluations, branch_order=branch_order, heuristics=heuristics,
+                                 projections=projections, bounds=bounds, relax_iters=relax_iters)
     K = d.size
     allowed = _allowed(d, e, D, E, available)
     if not allowed.any():
         return _infeasible(K, d, e, t0, "smo")
-    oracle = _Oracle(loss, K, batch_size)
-    deadline = math.inf if time_limit is None else t0 + time_limit
-    s = _Search(oracle, e, E, allowed, deadline, max_evaluations)
+    oracle = _Oracle(loss, K, opt.batch_size)
+    deadline = math.inf if opt.time_limit is None else t0 + opt.time_limit
+    s = _Search(oracle, e, E, allowed, deadline, opt.max_evaluations)
 
     root_loss = float(oracle(allowed[None, :])[0])
     if subset_energy(allowed, e) <= E:  # everything allowed fits: by monotonicity it is optimal
         return _result(allowed, root_loss, d, e, oracle.evaluations, root_loss, t0,
                        method="smo", status="optimal")
-    tol = 1e-12 * (E + float(e[allowed].sum()) + 1.0)
-    # static rank: high-energy experts first (fixing them in exhausts the budget fast)
-    rank = np.empty(K, dtype=np.int64)
-    rank[np.lexsort((np.arange(K), -e))] = np.arange(K)
-    if branch_order == "index":
-        rank = np.arange(K)
-
-    _incumbents(s, heuristics)
-    bound, finished = _branch_and_bound(s, root_loss, eps=eps, batch_size=batch_size, rank=rank,
-                                        projections=projections, bounds=bounds,
-                                        relax_iters=relax_iters, tol=tol)
+    _incumbents(s, opt.heuristics)
+    search = _BranchAndBound(s, root_loss, eps=opt.eps, batch_size=opt.batch_size,
+                             rank=_branch_rank(e, opt.branch_order), projections=opt.projections,
+                             bounds=opt.bounds, relax_iters=opt.relax_iters,
+                             tol=1e-12 * (E + float(e[allowed].sum()) + 1.0))
+    bound, finished = search.run()
     if s.stop_reason and not finished:
         status, timed_out = s.stop_reason, True
     else:

@@ -9,7 +9,7 @@ Only the last position's logits are computed and read.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -309,46 +309,46 @@ class LlamaCppExpert(Expert):
 
         One ``llama_decode``: the tokens common to all choices carry every choice's sequence id and
         are evaluated once, each choice's remaining tokens carry its own; logits are computed only at
-        positions that predict a continuation token, and no choice's last token is decoded.
+        positions that predict a continuation token, and no choice's last token is decoded. In steps: fit the
+        choices into the context (:meth:`_fit_choices`), lay out the batch (:meth:`_DecodePlan.of`), decode it
+        (:meth:`_decode`) and sum the continuations' log-probabilities (:func:`_continuation_sums`).
         """
         import llama_cpp
 
         ctx, batch = self._choice_context()
+        limit = min(llama_cpp.llama_n_ctx(ctx.ctx), llama_cpp.llama_n_batch(ctx.ctx))
+        choices = self._fit_choices(seqs, limit)
+        if choices is None:  # too long to decode together: one choice at a time
+            return np.concatenate([self._logprob_sums([s]) for s in seqs])
+        plan = _DecodePlan.of(choices)
+        return _continuation_sums(choices, plan, self._decode(ctx, batch, plan))
+
+    def _fit_choices(self, seqs, limit: int) -> "_Choices | None":
+        """The (ids, start) pairs of one question as a :class:`_Choices` whose decoded tokens fit ``limit``. None when
+        several choices do not fit together; a lone choice too long loses context tokens from the front (after
+        BOS), never continuation tokens (InputError when that is not enough)."""
         ids, starts = [s for s, _ in seqs], [st for _, st in seqs]
         ends = [len(s) - 1 for s in ids]  # positions 0..end-1 are decoded
         shared = min(_common_prefix(ids), max(ends))
-        limit = min(llama_cpp.llama_n_ctx(ctx.ctx), llama_cpp.llama_n_batch(ctx.ctx))
-        if shared + sum(max(e - shared, 0) for e in ends) > limit:
-            if len(seqs) > 1:  # too long to decode together: one choice at a time
-                return np.concatenate([self._logprob_sums([s]) for s in seqs])
-            head, cut = (1 if self._bos_id is not None else 0), ends[0] - limit
-            if starts[0] - cut <= head:  # drop context tokens from the front (after BOS), never continuation
-                raise InputError(f"a continuation of {len(ids[0]) - starts[0]} tokens does not fit "
-                                 f"in a context of {limit}")
-            ids, starts, ends = [ids[0][:head] + ids[0][head + cut:]], [starts[0] - cut], [limit]
-            shared = limit
-        n = len(ids)
-        everyone = tuple(range(n))
-        entries, row = [], {}  # entries: (token, position, sequence ids, logits?); row[(choice, pos)] -> output
-        n_out = 0
-        for j in range(shared):
-            want = any(starts[i] - 1 <= j < ends[i] for i in everyone)
-            if want:
-                for i in everyone:
-                    row[i, j] = n_out
-                n_out += 1
-            entries.append((ids[0][j], j, everyone, want))
-        for i in everyone:
-            for j in range(shared, ends[i]):
-                want = j >= starts[i] - 1
-                if want:
-                    row[i, j] = n_out
-                    n_out += 1
-                entries.append((ids[i][j], j, (i,), want))
+        if shared + sum(max(e - shared, 0) for e in ends) <= limit:
+            return _Choices(ids, starts, ends, shared)
+        if len(seqs) > 1:
+            return None
+        head, cut = (1 if self._bos_id is not None else 0), ends[0] - limit
+        if starts[0] - cut <= head:  # drop context tokens from the front (after BOS), never continuation
+            raise InputError(f"a continuation of {len(ids[0]) - starts[0]} tokens does not fit "
+                             f"in a context of {limit}")
+        return _Choices([ids[0][:head] + ids[0][head + cut:]], [starts[0] - cut], [limit], limit)
+
+    def _decode(self, ctx, batch, plan: "_DecodePlan") -> list[np.ndarray]:
+        """Decode ``plan`` from an empty cache in the scoring context; the logits of its wanted rows, in order
+        (views into llama.cpp's buffer: valid until the next decode)."""
+        import llama_cpp
+
         b = batch.batch
-        b.n_tokens = len(entries)
+        b.n_tokens = len(plan.tokens)
         out_idx = []
-        for k, (tok, pos, sids, want) in enumerate(entries):
+        for k, (tok, pos, sids, want) in enumerate(zip(plan.tokens, plan.positions, plan.seq_ids, plan.wants)):
             b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, pos, len(sids), want
             for m, sid in enumerate(sids):
                 b.seq_id[k][m] = sid
@@ -356,19 +356,9 @@ class LlamaCppExpert(Expert):
                 out_idx.append(k)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx.ctx), True)
         if (rc := llama_cpp.llama_decode(ctx.ctx, b)) != 0:
-            raise ResourceUnavailable(f"llama_decode failed with status {rc} on a batch of {len(entries)} tokens")
+            raise ResourceUnavailable(f"llama_decode failed with status {rc} on a batch of {len(plan.tokens)} tokens")
         n_vocab = self._llm.n_vocab()
-        rows = [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, k), shape=(n_vocab,)) for k in out_idx]
-        lse = np.empty(n_out)
-        for r, x in enumerate(rows):  # log-sum-exp per needed position; exp in float32, sum in float64
-            m = x.max()
-            lse[r] = float(m) + np.log(np.exp(x - m).sum(dtype=np.float64))
-        sums = np.zeros(n)
-        for i in everyone:
-            for j in range(starts[i] - 1, ends[i]):
-                r = row[i, j]
-                sums[i] += float(rows[r][ids[i][j + 1]]) - lse[r]
-        return sums
+        return [np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, k), shape=(n_vocab,)) for k in out_idx]
 
     def continuation_logprobs(self, requests, progress=False, shared=True):
         """See ``Expert.continuation_logprobs``. ``shared=False`` decodes each choice on its own from an
@@ -385,6 +375,68 @@ class LlamaCppExpert(Expert):
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+
+
+@dataclass
+class _Choices:
+    """One question's choices as one decode reads them: each choice's ``ids`` (context then continuation), the
+    index of its first continuation token (``starts``), the positions decoded (``0..end-1``: all but the last
+    token, ``ends``) and how many leading positions all choices share (decoded once)."""
+
+    ids: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+    shared: int
+
+
+@dataclass
+class _DecodePlan:
+    """A ``llama_decode`` batch, one entry per token: its id, position, sequence ids and whether its logits are
+    wanted (it predicts a continuation token). ``row[(choice, position)]`` is that position's row among the
+    ``n_out`` wanted logits (a shared position has one row for all choices)."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seq_ids: list[tuple[int, ...]] = field(default_factory=list)
+    wants: list[bool] = field(default_factory=list)
+    row: dict[tuple[int, int], int] = field(default_factory=dict)
+    n_out: int = 0
+
+    def add(self, token: int, pos: int, seq_ids: tuple[int, ...], want: bool) -> None:
+        self.tokens.append(token)
+        self.positions.append(pos)
+        self.seq_ids.append(seq_ids)
+        self.wants.append(want)
+        if want:
+            for i in seq_ids:
+                self.row[i, pos] = self.n_out
+            self.n_out += 1
+
+    @classmethod
+    def of(cls, c: _Choices) -> "_DecodePlan":
+        """The shared positions once, with every choice's sequence id, then each choice's own positions."""
+        everyone = tuple(range(len(c.ids)))
+        plan = cls()
+        for j in range(c.shared):
+            plan.add(c.ids[0][j], j, everyone, any(c.starts[i] - 1 <= j < c.ends[i] for i in everyone))
+        for i in everyone:
+            for j in range(c.shared, c.ends[i]):
+                plan.add(c.ids[i][j], j, (i,), j >= c.starts[i] - 1)
+        return plan
+
+
+def _continuation_sums(c: _Choices, plan: _DecodePlan, rows: list[np.ndarray]) -> np.ndarray:
+    """Per choice, the sum over its continuation tokens of log p(token | before it), from the plan's logits."""
+    lse = np.empty(plan.n_out)
+    for r, x in enumerate(rows):  # log-sum-exp per needed position; exp in float32, sum in float64
+        m = x.max()
+        lse[r] = float(m) + np.log(np.exp(x - m).sum(dtype=np.float64))
+    sums = np.zeros(len(c.ids))
+    for i in range(len(c.ids)):
+        for j in range(c.starts[i] - 1, c.ends[i]):
+            r = plan.row[i, j]
+            sums[i] += float(rows[r][c.ids[i][j + 1]]) - lse[r]
+    return sums
 
 
 @backend("transformers")

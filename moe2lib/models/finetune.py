@@ -7,9 +7,10 @@ that token at the prompt's last position only: batches are left-padded (as ``Tra
 scores them) so that the letter is always predicted at position -1 and only that position's logits
 are computed — Gemma's 262k-token vocabulary makes full-sequence logits the largest cost otherwise.
 
-Table V's values were lost in extraction; the defaults here are the usual LoRA recipe for small
-models: r=8, alpha=16, dropout 0.05 on the attention projections, AdamW (lr 2e-4, no weight decay),
-3% linear warm-up then cosine decay, gradient clipping at 1.0, one epoch.
+Table V's values were lost in extraction; :class:`LoraSettings` holds ours, and its defaults are the ones the
+default profile trains its experts with (``notebooks/03_experts.ipynb``): the text target, r=16, alpha=32,
+dropout 0.05 on all seven attention and MLP projections, examples up to 256 tokens, one epoch in batches of 8,
+AdamW (lr 1e-3, no weight decay), 3% linear warm-up then cosine decay, gradient clipping at 1.0.
 
 Text targets (``target="text"`` or ``"choice_ce"``) train on :class:`~moe2lib.data.tasks.ChoiceItem`s, the
 way the choice scorer reads them: per choice the context ids (BOS as above) followed by the
@@ -32,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -72,6 +74,48 @@ def _length(example) -> int:
     return len(example[0])
 
 
+@dataclass
+class _Plan:
+    """One fit's batches: rows of ``examples`` for every epoch in turn, cut to ``n_steps`` optimizer steps of
+    ``grad_accum`` batches; ``weights`` is what each batch's mean loss averages over (examples, or continuation
+    tokens for the text target); ``n_over_cutoff`` examples were left out as longer than ``cutoff_len``."""
+
+    examples: list
+    batches: list[np.ndarray]
+    weights: list[int]
+    n_steps: int
+    grad_accum: int
+    n_over_cutoff: int
+
+    def step_weight(self, i: int) -> int:
+        """The weight of the optimizer step batch ``i`` belongs to (its batches' weights summed)."""
+        start = i - i % self.grad_accum
+        return sum(self.weights[j] for j in range(start, min(start + self.grad_accum, len(self.batches))))
+
+    def ends_step(self, i: int) -> bool:
+        """Whether batch ``i`` is the last of its optimizer step."""
+        return not ((i + 1) % self.grad_accum and i + 1 < len(self.batches))
+
+
+@dataclass
+class _StepTally:
+    """The batches of one optimizer step so far: (mean loss, weight) each, their tokens, and since when."""
+
+    losses: list[tuple[float, int]] = field(default_factory=list)
+    tokens: int = 0
+    since: float = field(default_factory=time.time)
+
+    def add(self, loss: float, weight: int, tokens: int) -> None:
+        self.losses.append((loss, weight))
+        self.tokens += tokens
+
+    def entry(self, step: int, lr: float) -> dict:
+        """The step's history entry: its weighted mean loss, the learning rate it ran at, its token rate."""
+        loss = sum(v * n for v, n in self.losses) / sum(n for _, n in self.losses)
+        return {"step": step, "loss": loss, "lr": lr,
+                "tokens_per_s": self.tokens / max(time.time() - self.since, 1e-9), "tokens": self.tokens}
+
+
 def bf16_supported(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag)."""
     try:
@@ -81,74 +125,54 @@ def bf16_supported(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-class LoraFineTuner:
-    """Fine-tune a LoRA adapter of ``base_model`` on multiple-choice questions.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention + MLP
+# the parameters a fine-tuning's fingerprint covers, in meta.json's order (besides the options below, when set)
+FINGERPRINT_KEYS = ("rank", "alpha", "dropout", "target_modules", "cutoff_len", "epochs", "batch_size", "grad_accum",
+                    "lr", "weight_decay", "max_grad_norm", "warmup_ratio", "max_steps")
 
-    ``target``: ``"letter"`` (``fit`` takes :class:`~moe2lib.data.loaders.Question`s; the next token after
-    each prompt is the answer letter), ``"text"`` (``fit`` takes :class:`~moe2lib.data.tasks.ChoiceItem`s;
-    the gold continuation's tokens after its context) or ``"choice_ce"`` (ChoiceItems; the gold choice
-    under the softmax over all choices' log-likelihoods, normalised by ``choice_norm``).
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How an expert is fine-tuned (Table V): the defaults are the default profile's values.
+
+    ``target``: ``"text"`` (train on :class:`~moe2lib.data.tasks.ChoiceItem`s: the gold continuation's tokens
+    after its context), ``"choice_ce"`` (ChoiceItems: the gold choice under the softmax over all choices'
+    log-likelihoods, normalised by ``choice_norm``: ``"char"`` per character, ``"sum"`` not at all) or
+    ``"letter"`` (:class:`~moe2lib.data.loaders.Question`s: the answer letter after the prompt).
+    ``rank``, ``alpha``, ``dropout``, ``target_modules``: the LoRA adapter (peft's ``LoraConfig``).
+    ``cutoff_len``: the longest example trained on, in tokens (longer ones are dropped, never cut).
+    ``epochs``, ``batch_size``, ``grad_accum`` (forward passes per optimizer step), ``max_steps`` (None: as many
+    as the examples give): the schedule; ``lr``, ``weight_decay``, ``max_grad_norm``, ``warmup_ratio``: AdamW
+    with linear warm-up then cosine decay, and gradient clipping.
 
     Speed options (``benchmarks/bench_finetune.py speed`` measures each): ``layers`` puts LoRA on these
     transformer layers only (peft's ``layers_to_transform``; the upper half of the layers also spares
     the backward pass through the lower half), ``precision="bf16"`` runs the forward pass under bf16
     autocast (fast only on CPUs with AVX512-BF16 or AMX: :func:`bf16_supported`), ``compile`` wraps the
     model in ``torch.compile``.
-
-    After ``fit``: ``history_`` (one dict per optimizer step: step, loss, lr, tokens_per_s),
-    ``n_train_``, ``n_over_cutoff_``, ``final_loss_`` (mean loss of the last 10% of steps), ``wall_time_s_``,
-    ``fingerprint_`` (of the parameters and questions), ``model_`` and ``tokenizer_``. ``save`` writes the
-    adapter to a folder (``adapter_dir_``); :func:`fit_saved` reuses such a folder or fits and saves one.
     """
 
-    def __init__(self, base_model: str, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
-                 target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                 cutoff_len: int = 256, epochs: int = 1, batch_size: int = 8, grad_accum: int = 1,
-                 lr: float = 2e-4, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 warmup_ratio: float = 0.03, max_steps: int | None = None, seed: int = 0,
-                 n_threads: int = 2, progress: bool = True, target: str = "letter",
-                 choice_norm: str = "char", layers: Sequence[int] | None = None, precision: str = "fp32",
-                 compile: bool = False):
-        self.base_model = base_model
-        self.rank = rank
-        self.alpha = alpha
-        self.dropout = dropout
-        self.target_modules = target_modules
-        self.cutoff_len = cutoff_len
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.grad_accum = grad_accum
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_grad_norm = max_grad_norm
-        self.warmup_ratio = warmup_ratio
-        self.max_steps = max_steps
-        self.seed = seed
-        self.n_threads = n_threads
-        self.progress = progress
-        self.target = target
-        self.choice_norm = choice_norm
-        self.layers = layers
-        self.precision = precision
-        self.compile = compile
+    target: str = "text"
+    rank: int = 16
+    alpha: float = 32  # as the profile gives it: the fingerprint tells 32 from 32.0
+    dropout: float = 0.05
+    target_modules: Sequence[str] = PROJECTIONS
+    cutoff_len: int = 256
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.03
+    max_steps: int | None = None
+    layers: Sequence[int] | None = None
+    choice_norm: str = "char"
+    precision: str = "fp32"
+    compile: bool = False
 
-    def get_params(self) -> dict:
-        keys = ("base_model", "rank", "alpha", "dropout", "target_modules", "cutoff_len", "epochs",
-                "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "warmup_ratio",
-                "max_steps", "seed")
-        params = {k: getattr(self, k) for k in keys}
-        params["target_modules"] = list(params["target_modules"])
-        if self.target != "letter":  # letter experts keep the fingerprint they had before text targets
-            params["target"] = self.target
-            if self.target == "choice_ce":
-                params["choice_norm"] = self.choice_norm
-        if self.layers is not None:  # options that change the adapter enter the fingerprint when set
-            params["layers"] = [int(i) for i in self.layers]
-        if self.precision != "fp32":
-            params["precision"] = self.precision
-        return params
-
-    def _check(self):
+    def check(self) -> None:
+        """InputError naming the first value out of range."""
         for key in ("rank", "epochs", "batch_size", "grad_accum", "cutoff_len"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise InputError(f"must be a positive integer, not {getattr(self, key)!r}", param=key)
@@ -173,6 +197,50 @@ class LoraFineTuner:
             raise InputError(f"must be a non-empty list of module names, not {self.target_modules!r}",
                              param="target_modules")
 
+
+class LoraFineTuner:
+    """Fine-tune a LoRA adapter of ``base_model`` on multiple-choice questions, as ``settings`` say.
+
+    ``fit`` takes :class:`~moe2lib.data.loaders.Question`s for the letter target and
+    :class:`~moe2lib.data.tasks.ChoiceItem`s for the text targets (see :class:`LoraSettings`). ``seed`` fixes the
+    LoRA initialisation, dropout and batch order; ``n_threads`` is torch's threads while fitting; ``progress``
+    shows a progress bar.
+
+    After ``fit``: ``history_`` (one dict per optimizer step: step, loss, lr, tokens_per_s),
+    ``n_train_``, ``n_over_cutoff_``, ``final_loss_`` (mean loss of the last 10% of steps), ``wall_time_s_``,
+    ``fingerprint_`` (of the parameters and questions), ``model_`` and ``tokenizer_``. ``save`` writes the
+    adapter to a folder (``adapter_dir_``); :func:`fit_saved` reuses such a folder or fits and saves one.
+    """
+
+    def __init__(self, base_model: str, settings: LoraSettings = LoraSettings(), *, seed: int = 0,
+                 n_threads: int = 2, progress: bool = True):
+        self.base_model = base_model
+        self.settings = settings
+        self.seed = seed
+        self.n_threads = n_threads
+        self.progress = progress
+
+    def get_params(self) -> dict:
+        """What defines the adapter: meta.json's ``params`` and the fingerprint's. Options enter it only when they
+        are not their defaults, so that the experts trained before they existed keep their fingerprints."""
+        s = self.settings
+        params = {"base_model": self.base_model, **{k: getattr(s, k) for k in FINGERPRINT_KEYS}, "seed": self.seed}
+        params["target_modules"] = list(params["target_modules"])
+        if s.target != "letter":  # letter experts keep the fingerprint they had before text targets
+            params["target"] = s.target
+            if s.target == "choice_ce":
+                params["choice_norm"] = s.choice_norm
+        if s.layers is not None:  # options that change the adapter enter the fingerprint when set
+            params["layers"] = [int(i) for i in s.layers]
+        if s.precision != "fp32":
+            params["precision"] = s.precision
+        return params
+
+    def _check(self):
+        if not isinstance(self.settings, LoraSettings):
+            raise InputError(f"must be a LoraSettings, not {type(self.settings).__name__}", param="settings")
+        self.settings.check()
+
     def _check_items(self, items) -> list:
         """The training items as a list, of the kind ``target`` needs (Questions or ChoiceItems)."""
         from ..data.tasks import ChoiceItem
@@ -180,15 +248,15 @@ class LoraFineTuner:
         items = list(items)
         if not items:
             raise InputError("no training questions", param="questions")
-        kind, name = (Question, "Question") if self.target == "letter" else (ChoiceItem, "ChoiceItem")
+        kind, name = (Question, "Question") if self.settings.target == "letter" else (ChoiceItem, "ChoiceItem")
         bad = next((x for x in items if not isinstance(x, kind)), None)
         if bad is not None:
-            hint = (" (text targets train on moe2lib.data.tasks.ChoiceItem)" if self.target == "letter"
+            hint = (" (text targets train on moe2lib.data.tasks.ChoiceItem)" if self.settings.target == "letter"
                     and isinstance(bad, ChoiceItem) else
                     " (the letter target trains on moe2lib.data.loaders.Question)" if isinstance(bad, Question) else "")
-            raise InputError(f"target={self.target!r} trains on {name}s, got a {type(bad).__name__}{hint}",
+            raise InputError(f"target={self.settings.target!r} trains on {name}s, got a {type(bad).__name__}{hint}",
                              param="questions")
-        if self.target != "letter":
+        if self.settings.target != "letter":
             for it in items:
                 if not (0 <= it.gold < it.n_choices == len(it.contexts)):
                     raise InputError(f"item {it.qid!r} ({it.source}): gold {it.gold} and {len(it.contexts)} "
@@ -234,7 +302,7 @@ class LoraFineTuner:
     def encode_items(self, tokenizer, items) -> list:
         """ChoiceItems as text examples: per choice context ids (BOS prepended as the scorer does) then
         continuation ids, each tokenised on its own without special tokens."""
-        if self.target == "letter":
+        if self.settings.target == "letter":
             raise InputError("the letter target trains on moe2lib.data.loaders.Question, not ChoiceItems "
                              "(pass target='text' or 'choice_ce')", param="target")
         bos = self._bos(tokenizer)
@@ -253,17 +321,17 @@ class LoraFineTuner:
                                  f"{it.continuations[c]!r} has no tokens", param="questions")
             return TextExample(head + ids_of(it.contexts[c]) + cont, len(cont))
 
-        if self.target == "text":
+        if self.settings.target == "text":
             return [choice(it, it.gold) for it in items]
         return [ChoiceExample(tuple(choice(it, c) for c in range(it.n_choices)), it.gold,
-                              tuple(float(max(1, len(t))) if self.choice_norm == "char" else 1.0
+                              tuple(float(max(1, len(t))) if self.settings.choice_norm == "char" else 1.0
                                     for t in it.continuations)) for it in items]
 
     def within_cutoff(self, examples) -> np.ndarray:
         """Indices of the examples whose prompt fits ``cutoff_len``; longer ones are dropped, not cut,
         because a cut prompt (its passage gone) is not what the expert is later asked. For text
         targets the length is context plus continuation (of the longest choice for ``choice_ce``)."""
-        return np.flatnonzero([_length(ex) <= self.cutoff_len for ex in examples])
+        return np.flatnonzero([_length(ex) <= self.settings.cutoff_len for ex in examples])
 
     @staticmethod
     def collate(examples, pad_id: int):
@@ -358,19 +426,19 @@ class LoraFineTuner:
     def _order(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         """Shuffled batches of similar length (sort within windows of 16 batches), then shuffled."""
         perm = rng.permutation(len(lengths))
-        window = 16 * self.batch_size
+        window = 16 * self.settings.batch_size
         batches = []
         for start in range(0, len(perm), window):
             chunk = perm[start:start + window]
             chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i:i + self.settings.batch_size] for i in range(0, len(chunk), self.settings.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     # -- training --------------------------------------------------------------------------------------
     def fingerprint(self, questions: Sequence) -> str:
         """What a finished folder must match to be reused: parameters (the target among them) and the
         training questions (for ChoiceItems: id, source, every (context, continuation) pair and gold)."""
-        if self.target == "letter":
+        if self.settings.target == "letter":
             return artifacts.digest({"params": self.get_params(), "encoding": ENCODING,
                                      "questions": [q.source for q in questions],
                                      "prompts": [format_prompt(q) for q in questions],
@@ -392,88 +460,109 @@ class LoraFineTuner:
         return self
 
     def _train(self, questions):
+        """Fit a fresh adapter on ``questions`` in three steps: the peft model (:meth:`_peft_model`), the batches
+        (:meth:`_plan`) and the optimizer steps over them (:meth:`_optimize`); sets the fitted attributes."""
         import torch
-        from peft import LoraConfig, get_peft_model
-        from tqdm.auto import tqdm
-        from transformers import get_cosine_schedule_with_warmup
 
         t0 = time.time()
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         base, tok = self.load_base()
-        layers = None if self.layers is None else [int(i) for i in self.layers]
-        n_layers = base.config.num_hidden_layers
-        if layers is not None and max(layers) >= n_layers:
-            raise InputError(f"{self.base_model} has {n_layers} layers (0..{n_layers - 1}), not {max(layers)}",
-                             param="layers")
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-                            layers_to_transform=layers)
-        model = get_peft_model(base, config)
-        model.train()
-        forward = torch.compile(model, dynamic=True) if self.compile else model
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16"
-                    else contextlib.nullcontext())
-        examples = self.encode(tok, questions)
-        keep = self.within_cutoff(examples)
-        if not len(keep):
-            raise InputError(f"all {len(examples)} training prompts are longer than cutoff_len={self.cutoff_len} "
-                             "tokens", param="cutoff_len")
-        self.n_over_cutoff_ = len(examples) - len(keep)
-        examples = [examples[i] for i in keep]
-        lengths = np.array([_length(ex) for ex in examples])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        epochs = [self._order(lengths, rng) for _ in range(self.epochs)]
-        batches = [b for e in epochs for b in e]
-        n_steps = -(-len(batches) // self.grad_accum)
-        if self.max_steps is not None:
-            n_steps = min(n_steps, self.max_steps)
-            batches = batches[:n_steps * self.grad_accum]
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = get_cosine_schedule_with_warmup(opt, int(round(self.warmup_ratio * n_steps)), n_steps)
-        history, tokens, tic = [], 0, time.time()
-        losses = []
-        bar = tqdm(total=n_steps, desc=f"LoRA {registry.display_name(self.base_model)}", disable=not self.progress)
-        # each batch's mean loss is weighted by what it averages over: examples, or continuation tokens
-        weight = ([sum(examples[r].n_target for r in rows) for rows in batches] if self.target == "text"
-                  else [len(rows) for rows in batches])
-        for i, rows in enumerate(batches):
-            batch = self.collate([examples[r] for r in rows], pad)
-            with autocast:
-                loss = self.batch_loss(forward, *batch)
-            (loss * weight[i] / sum(weight[j] for j in self._group(i, len(batches)))).backward()
-            losses.append((loss.item(), weight[i]))
-            tokens += int(batch[1].sum())
-            if (i + 1) % self.grad_accum and i + 1 < len(batches):
-                continue
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            now = time.time()
-            step_loss = sum(l * n for l, n in losses) / sum(n for _, n in losses)
-            history.append({"step": len(history) + 1, "loss": step_loss, "lr": lr,
-                            "tokens_per_s": tokens / max(now - tic, 1e-9), "tokens": tokens})
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}")
-            losses, tokens, tic = [], 0, time.time()
-        bar.close()
+        model = self._peft_model(base)
+        plan = self._plan(self.encode(tok, questions), rng)
+        history = self._optimize(model, plan, pad=tok.pad_token_id if tok.pad_token_id is not None else 0)
         model.eval()
         self.model_ = model
         self.tokenizer_ = tok
         self.history_ = history
-        self.n_train_ = len(examples)
+        self.n_train_ = len(plan.examples)
+        self.n_over_cutoff_ = plan.n_over_cutoff
         tail = history[-max(1, len(history) // 10):]
         self.final_loss_ = float(np.mean([h["loss"] for h in tail]))
         self.wall_time_s_ = time.time() - t0
         self.adapter_dir_ = None  # a new adapter: not saved yet
         return self
 
-    def _group(self, i: int, n: int) -> range:
-        start = i - i % self.grad_accum
-        return range(start, min(start + self.grad_accum, n))
+    def _peft_model(self, base):
+        """``base`` with a new LoRA adapter (peft) on ``target_modules`` (of ``layers``, when set), in train mode."""
+        from peft import LoraConfig, get_peft_model
+
+        s = self.settings
+        layers = None if s.layers is None else [int(i) for i in s.layers]
+        n_layers = base.config.num_hidden_layers
+        if layers is not None and max(layers) >= n_layers:
+            raise InputError(f"{self.base_model} has {n_layers} layers (0..{n_layers - 1}), not {max(layers)}",
+                             param="layers")
+        config = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout,
+                            target_modules=list(s.target_modules), bias="none", task_type="CAUSAL_LM",
+                            layers_to_transform=layers)
+        model = get_peft_model(base, config)
+        model.train()
+        return model
+
+    def _plan(self, examples: list, rng: np.random.Generator) -> "_Plan":
+        """The examples within ``cutoff_len`` (InputError when none is) in batches: :meth:`_order` per epoch,
+        cut to ``max_steps`` optimizer steps; each batch weighted by what its mean loss averages over."""
+        s = self.settings
+        keep = self.within_cutoff(examples)
+        if not len(keep):
+            raise InputError(f"all {len(examples)} training prompts are longer than cutoff_len={s.cutoff_len} "
+                             "tokens", param="cutoff_len")
+        n_over_cutoff = len(examples) - len(keep)
+        examples = [examples[i] for i in keep]
+        lengths = np.array([_length(ex) for ex in examples])
+        epochs = [self._order(lengths, rng) for _ in range(s.epochs)]
+        batches = [b for e in epochs for b in e]
+        n_steps = -(-len(batches) // s.grad_accum)
+        if s.max_steps is not None:
+            n_steps = min(n_steps, s.max_steps)
+            batches = batches[:n_steps * s.grad_accum]
+        # examples, or continuation tokens for the text target
+        weights = ([sum(examples[r].n_target for r in rows) for rows in batches] if s.target == "text"
+                   else [len(rows) for rows in batches])
+        return _Plan(examples, batches, weights, n_steps, s.grad_accum, n_over_cutoff)
+
+    def _optimize(self, model, plan: "_Plan", pad: int) -> list[dict]:
+        """Train ``model`` on the plan's batches: AdamW with linear warm-up and cosine decay, the gradients of
+        ``grad_accum`` batches accumulated (:meth:`_backward`), then clipped. One history entry per optimizer step."""
+        import torch
+        from tqdm.auto import tqdm
+        from transformers import get_cosine_schedule_with_warmup
+
+        s = self.settings
+        forward = torch.compile(model, dynamic=True) if s.compile else model
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if s.precision == "bf16"
+                    else contextlib.nullcontext())
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        sched = get_cosine_schedule_with_warmup(opt, int(round(s.warmup_ratio * plan.n_steps)), plan.n_steps)
+        history, tally = [], _StepTally()
+        bar = tqdm(total=plan.n_steps, desc=f"LoRA {registry.display_name(self.base_model)}",
+                   disable=not self.progress)
+        for i in range(len(plan.batches)):
+            self._backward(forward, autocast, plan, i, pad, tally)
+            if not plan.ends_step(i):
+                continue
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            history.append(tally.entry(len(history) + 1, lr))
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}")
+            tally = _StepTally()
+        bar.close()
+        return history
+
+    def _backward(self, forward, autocast, plan: "_Plan", i: int, pad: int, tally: "_StepTally") -> None:
+        """The forward (under ``autocast``) and backward pass of batch ``i``: its mean loss, weighted by the batch's
+        share of its optimizer step, adds to the gradients; the loss, weight and tokens go to ``tally``."""
+        batch = self.collate([plan.examples[r] for r in plan.batches[i]], pad)
+        with autocast:
+            loss = self.batch_loss(forward, *batch)
+        (loss * plan.weights[i] / plan.step_weight(i)).backward()
+        tally.add(loss.item(), plan.weights[i], int(batch[1].sum()))
 
     def save(self, out_dir) -> Path:
         """Write the fitted adapter, ``history.json`` and ``meta.json`` (its fingerprint among them) to

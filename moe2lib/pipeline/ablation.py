@@ -41,7 +41,7 @@ KNOBS = {"cluster_by": "clustering", "n_clusters": "clustering", "max_examples_p
          "epochs": "experts", "rank": "experts", "alpha": "experts", "lr": "experts", "target_modules": "experts",
          "target": "experts", "lora_layers": "experts"}
 LORA_KEYS = ("target", "rank", "alpha", "dropout", "target_modules", "cutoff_len", "epochs", "batch_size",
-             "grad_accum", "lr", "weight_decay", "max_grad_norm", "warmup_ratio", "max_steps")
+             "grad_accum", "lr", "weight_decay", "max_grad_norm", "warmup_ratio")
 COLUMNS = ("row", "own_gain", "own_minus_other", "moe2_minus_sa", "router_minus_sa", "train_s_per_expert",
            "n_validation")
 
@@ -136,15 +136,15 @@ def run_row(row: Row, settings: dict, out: Path, *, workers: int = 2, n_threads:
     km.fit(X_train, [it.task for it in train])
     dist = km.transform(X_train)
     val_cluster = km.assign(X_val, [it.task for it in val])
-    hyper = {k: ex[k] for k in LORA_KEYS}
-    hyper["max_steps"] = hyper["max_steps"] or None
+    hyper = finetune.LoraSettings(**{k: ex[k] for k in LORA_KEYS}, max_steps=ex["max_steps"] or None,
+                                  layers=ex["lora_layers"])
     here = out / "rows" / row.slug
     jobs, specs = [], []
     for name, base, cluster, device in ex["layout"]:
         idx, _ = finetune.select_examples(km.labels_, dist, cluster, ex["max_examples_per_expert"],
                                           ex["min_examples_per_expert"], ex["seed"])
-        tuner = finetune.LoraFineTuner(base, seed=ex["seed"], n_threads=max(1, n_threads // workers), progress=False,
-                                       layers=ex["lora_layers"], **hyper)
+        tuner = finetune.LoraFineTuner(base, hyper, seed=ex["seed"], n_threads=max(1, n_threads // workers),
+                                       progress=False)
         jobs.append((tuner, [train[i] for i in idx], here / "peft" / name))
     t0 = time.time()
     fitted = finetune.fit_all(jobs, workers)

@@ -476,10 +476,9 @@ class Coordinator:
         if result is not None:
             result["generation"] = run.generation()
 
-    def _budgets(self, run: "_Run", step_dropped: dict[str, str]) -> tuple[float, bool] | None:
+    def _budgets(self, run: "_Run", step_dropped: dict[str, str]) -> "_StepBound | None":
         """Before a step: drop the experts that would break the budgets from here on (the measured pace against
-        the time left, the next token's energy against what is left); then the step's wall-clock bound (the
-        timeout, or the time left when the deadline is nearer) and whether the deadline set it. None (with
+        the time left, the next token's energy against what is left); then the step's wall-clock bound. None (with
         ``run.finish`` set) when no expert can go on."""
         names, alive, index = run.names, run.alive, len(run.steps)
         limit, by_deadline = self.timeout, False
@@ -504,47 +503,62 @@ class Coordinator:
             if per and run.energy + sum(per) > self.energy_j:  # the last expert cannot afford a token either
                 step_dropped.update({names[i]: "energy: budget spent" for i in np.flatnonzero(alive)})
                 return run.end("energy", step_dropped)
-        return limit, by_deadline
+        return _StepBound(limit, by_deadline)
 
     async def _step(self, run: "_Run", client: httpx.AsyncClient) -> Step | None:
-        """One token of Alg. 3: the budgets, the kept experts' distributions within the step's time, their fusion
-        (eq. (29)) and the choice. Sets ``run.finish`` when the generation ends (None: ended before a step)."""
-        names, alive, index = run.names, run.alive, len(run.steps)
+        """One token of Alg. 3: the budgets (:meth:`_budgets`), the kept experts' distributions within the step's
+        time (:meth:`_gather`), their fusion (eq. (29)) and the choice (:meth:`_fuse`), then the text and whether it
+        ends (:meth:`_Run.extend`). Sets ``run.finish`` when the generation ends (None: ended before a step)."""
         step_dropped: dict[str, str] = {}
         bound = self._budgets(run, step_dropped)
         if bound is None:
             return None
-        limit, by_deadline = bound
-        active = list(np.flatnonzero(alive))
         ts = time.monotonic()
-        results = await asyncio.gather(*(self._ask(client, self.experts[i], run.prompts[names[i]] + run.text, limit)
-                                         for i in active), return_exceptions=True)
-        tops, ok, late = [], [], False
+        answers = await self._gather(run, client, bound, step_dropped)
+        if not answers.experts and answers.late:  # the deadline came before any answer: end here, with what was made
+            return run.end("deadline", step_dropped)
+        run.dropped.update(step_dropped)
+        if not answers.experts:
+            raise AllExpertsFailed("all experts failed: " + "; ".join(
+                f"{n} ({self._url(n)}): {r}" for n, r in run.dropped.items()))
+        step = self._fuse(run, answers, ts, step_dropped)
+        run.extend(step)
+        return step
+
+    async def _gather(self, run: "_Run", client: httpx.AsyncClient, bound: "_StepBound",
+                      step_dropped: dict[str, str]) -> "_Answers":
+        """The next-token distributions of the experts still in the run, asked at once, each within the step's
+        bound. An expert that fails or is late leaves the run (``step_dropped`` says why); of the others, the
+        first step records the prompt tokens, later steps the decode times (their pace)."""
+        names, alive, index = run.names, run.alive, len(run.steps)
+        active = list(np.flatnonzero(alive))
+        results = await asyncio.gather(*(self._ask(client, self.experts[i], run.prompts[names[i]] + run.text,
+                                                   bound.limit) for i in active), return_exceptions=True)
+        answers = _Answers()
         for i, res in zip(active, results):
             if isinstance(res, BaseException):
                 alive[i] = False
-                if by_deadline and _late(res):
-                    late = True
-                    step_dropped[names[i]] = f"deadline: no answer in the {limit:.3g} s left"
+                if bound.by_deadline and _late(res):
+                    answers.late = True
+                    step_dropped[names[i]] = f"deadline: no answer in the {bound.limit:.3g} s left"
                 elif _late(res):
-                    step_dropped[names[i]] = f"failed: timeout: no answer within {limit:.3g} s"
+                    step_dropped[names[i]] = f"failed: timeout: no answer within {bound.limit:.3g} s"
                 else:
                     step_dropped[names[i]] = f"failed: {type(res).__name__}: {res}"[:300]
                 continue
-            top, n_prompt, dt = res
-            run.measured[names[i]] = dt
-            if index == 0 and n_prompt is not None:
-                run.prompt_tokens[names[i]] = n_prompt
+            run.measured[names[i]] = res.seconds
+            if index == 0 and res.prompt_tokens is not None:
+                run.prompt_tokens[names[i]] = res.prompt_tokens
             if index > 0:
-                run.decode.setdefault(names[i], []).append(dt)
-            tops.append(top)
-            ok.append(i)
-        if not ok and late:  # the deadline came before any answer: end here, with what was made
-            return run.end("deadline", step_dropped)
-        run.dropped.update(step_dropped)
-        if not ok:
-            raise AllExpertsFailed("all experts failed: " + "; ".join(
-                f"{n} ({self._url(n)}): {r}" for n, r in run.dropped.items()))
+                run.decode.setdefault(names[i], []).append(res.seconds)
+            answers.experts.append(i)
+            answers.tops.append(res.top)
+        return answers
+
+    def _fuse(self, run: "_Run", answers: "_Answers", ts: float, step_dropped: dict[str, str]) -> Step:
+        """The step of the experts that answered: their weights (the gate renormalised over them), the fused
+        distribution (eq. (29)), the piece chosen from it, and the energy it cost."""
+        names, ok, tops = run.names, answers.experts, answers.tops
         m = np.zeros(len(names), bool)
         m[ok] = True
         w = gating.subset_weights(run.g, m)[ok]
@@ -552,24 +566,10 @@ class Coordinator:
                                  vocab_sizes=[self.experts[i].vocab_size for i in ok], names=[names[i] for i in ok])
         piece = fusion.choose(fused, run.temperature, run.rng)
         run.energy += sum(run.costs[names[i]].energy_j for i in ok if names[i] in run.costs)
-        step = Step(index, piece, [names[i] for i in ok], {names[i]: float(x) for i, x in zip(ok, w)},
+        return Step(len(run.steps), piece, [names[i] for i in ok], {names[i]: float(x) for i, x in zip(ok, w)},
                     {names[i]: sorted(t.items(), key=lambda kv: -kv[1])[:self.top_n] for i, t in zip(ok, tops)},
                     fused.top(self.top_n), time.monotonic() - ts, {names[i]: run.measured[names[i]] for i in ok},
                     step_dropped)
-        run.steps.append(step)
-        if piece == fusion.STOP:
-            run.finish = "stop"
-            return step
-        run.text += piece
-        hit = [run.text.index(s) for s in run.stop if s and s in run.text]
-        if hit:  # the stop string is cut from the text, and from this step's piece
-            cut = min(hit)
-            step.text = piece[:max(0, len(piece) - (len(run.text) - cut))]
-            run.text = run.text[:cut]
-            run.finish = "stop"
-        elif index + 1 == run.max_tokens:
-            run.finish = "length"
-        return step
 
     def _pace(self, name: str, decode: Mapping[str, list[float]], costs: Mapping[str, ExpertCost]) -> float | None:
         """Seconds per token of an expert: its measured decode steps once there are any (the first step also
@@ -583,13 +583,12 @@ class Coordinator:
     def _url(self, name):
         return next((e.url for e in self.experts if e.name == name), "?")
 
-    async def _ask(self, client, expert: ExpertClient, text: str, limit: float):
-        """(distribution, prompt tokens, seconds) of one expert within ``limit`` seconds of wall-clock time (all
-        its requests together: httpx's timeouts are per read, so a server that trickles bytes would otherwise
-        hold the step)."""
+    async def _ask(self, client, expert: ExpertClient, text: str, limit: float) -> "_Answer":
+        """One expert's answer within ``limit`` seconds of wall-clock time (all its requests together: httpx's
+        timeouts are per read, so a server that trickles bytes would otherwise hold the step)."""
         ts = time.monotonic()
         top, n = await asyncio.wait_for(expert.ask(client, text, self.top_n, limit), limit)
-        return top, n, time.monotonic() - ts
+        return _Answer(top, n, time.monotonic() - ts)
 
     async def agenerate(self, prompt: Prompt, **options) -> Generation:
         out: dict = {}
@@ -624,6 +623,34 @@ def _drop_costliest(keep: np.ndarray, names: Sequence[str], cost: Callable[[int]
         dropped[names[i]] = reason(i, est)
 
 
+@dataclass(frozen=True)
+class _StepBound:
+    """A step's wall-clock bound: the timeout, or the time left when the deadline is nearer (``by_deadline``)."""
+
+    limit: float
+    by_deadline: bool
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One expert's answer to a step: its next-token distribution, the prompt's length in its tokens (None: the
+    server did not say) and the seconds it took."""
+
+    top: dict[str, float]
+    prompt_tokens: int | None
+    seconds: float
+
+
+@dataclass
+class _Answers:
+    """The answers to one step: the experts that answered (indices) with their distributions, in order, and
+    whether one was dropped because the deadline came first."""
+
+    experts: list[int] = field(default_factory=list)
+    tops: list[dict[str, float]] = field(default_factory=list)
+    late: bool = False
+
+
 class _Run:
     """One request's state between the steps of :meth:`Coordinator.astream`."""
 
@@ -648,6 +675,24 @@ class _Run:
     def end(self, finish: str, dropped: Mapping[str, str]) -> None:
         self.finish = finish
         self.dropped.update(dropped)
+
+    def extend(self, step: Step) -> None:
+        """Record a step and add its piece to the text; the generation ends at the stop piece, at a stop string
+        (cut from the text and from the step's piece) or after ``max_tokens`` steps."""
+        self.steps.append(step)
+        piece = step.text
+        if piece == fusion.STOP:
+            self.finish = "stop"
+            return
+        self.text += piece
+        hit = [self.text.index(s) for s in self.stop if s and s in self.text]
+        if hit:  # the stop string is cut from the text, and from this step's piece
+            cut = min(hit)
+            step.text = piece[:max(0, len(piece) - (len(self.text) - cut))]
+            self.text = self.text[:cut]
+            self.finish = "stop"
+        elif step.index + 1 == self.max_tokens:
+            self.finish = "length"
 
     def generation(self) -> Generation:
         have = [n for n in self.selected if n in self.costs]
