@@ -167,20 +167,19 @@ def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) 
     return out
 
 
-def load_jsonl(path, subject: str | None = None) -> list[Question]:
-    """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(1-based line, object) of each non-blank line of a JSONL file.
 
-    Blank lines are skipped; the subject defaults to the file stem. The question text is kept as
-    written (e.g. ARC's "Question: " prefix stays), so prompts match the source data.
+    Bytes that are not UTF-8, a line that is not JSON or not a JSON object, and a file without one
+    object raise an InputError naming the file and the line.
     """
     path = Path(path)
-    subject = subject or path.stem
     note_read(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
-    out = []
+    rows = []
     for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
@@ -192,6 +191,22 @@ def load_jsonl(path, subject: str | None = None) -> list[Question]:
             raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
         if not isinstance(obj, dict):
             raise InputError("each line must be a JSON object", path=path, line=n)
+        rows.append((n, obj))
+    if not rows:
+        raise InputError("empty file: no questions", path=path)
+    return rows
+
+
+def load_jsonl(path, subject: str | None = None) -> list[Question]:
+    """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
+
+    Blank lines are skipped; the subject defaults to the file stem. The question text is kept as
+    written (e.g. ARC's "Question: " prefix stays), so prompts match the source data.
+    """
+    path = Path(path)
+    subject = subject or path.stem
+    out = []
+    for n, obj in read_jsonl(path):
         question = obj.get("query", obj.get("question"))
         if not isinstance(question, str) or not question.strip():
             raise InputError("missing or empty 'query'/'question'", path=path, line=n)
@@ -205,8 +220,6 @@ def load_jsonl(path, subject: str | None = None) -> list[Question]:
             raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
                              f"got {given!r}", path=path, line=n)
         out.append(Question(question, tuple(choices), gold, subject, f"{path.name}:{n}"))
-    if not out:
-        raise InputError("empty file: no questions", path=path)
     return out
 
 

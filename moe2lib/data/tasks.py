@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..infra.artifacts import read_json, write_json, write_text
-from .loaders import LETTERS, _bad_utf8_line, load_jsonl, load_mmlu, note_read, resolve_data_dir
+from .loaders import LETTERS, load_jsonl, load_mmlu, read_jsonl, resolve_data_dir
 from ..errors import InputError, ResourceUnavailable
 
 
@@ -213,28 +213,6 @@ def _cloze(spec: TaskSpec, query: str, choices, gold: int, source: str, path, li
     return _item(spec.name, text, [context] * len(choices), choices, gold, source)
 
 
-def _json_rows(path: Path):
-    """(1-based line, object) per non-blank JSONL line; bad JSON, non-objects, non-UTF-8 and emptiness raise."""
-    note_read(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 ({exc.reason})", path=path, line=_bad_utf8_line(path)) from None
-    rows = []
-    for n, raw in enumerate(text.split("\n"), start=1):
-        if raw.strip():
-            try:
-                obj = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
-            if not isinstance(obj, dict):
-                raise InputError("each line must be a JSON object", path=path, line=n)
-            rows.append((n, obj))
-    if not rows:
-        raise InputError("empty file: no questions", path=path)
-    return rows
-
-
 def _field(obj, key, kind, path, line):
     """``obj[key]`` if it is a ``kind`` (a str: not blank; a list: of at least 2 strings), else InputError."""
     value = obj.get(key)
@@ -260,7 +238,7 @@ def _read_query(spec, path, rel):
 def _read_winogrande(spec, path, rel):
     """Contexts: the sentence up to each option; continuation: the rest, shared; text: the sentence with "_"."""
     out = []
-    for n, obj in _json_rows(path):
+    for n, obj in read_jsonl(path):
         options = [o.rstrip() for o in _field(obj, "context_options", list, path, n)]
         rest = _field(obj, "continuation", str, path, n).strip()
         gold = _field(obj, "gold", int, path, n)
@@ -278,7 +256,7 @@ def _read_winogrande(spec, path, rel):
 def _read_pubmed(spec, path, rel):
     """The options (yes/no/maybe) are lines of the context; the gold is the option the continuation names."""
     out = []
-    for n, obj in _json_rows(path):
+    for n, obj in read_jsonl(path):
         body, cue, options = _parse_query(_field(obj, "context", str, path, n))
         answer = _field(obj, "continuation", str, path, n).strip()
         if options is None or answer not in options:
@@ -456,7 +434,7 @@ class EdgeMix:
         if not isinstance(manifest, dict) or not {"tasks", "params", "counts"} <= manifest.keys():
             raise InputError("not an edge-mix manifest (needs tasks, params, counts)", path=_manifest_path(path))
         items, split = [], []
-        for n, r in _json_rows(path):
+        for n, r in read_jsonl(path):
             try:
                 if r["split"] not in SPLITS or r["task"] not in manifest["tasks"]:
                     raise ValueError(f"split {r['split']!r} or task {r['task']!r} unknown")
