@@ -212,7 +212,7 @@ def test_benchmark_is_seeded_and_capped(edge_mix):
     alone = tasks.build_benchmark(["copa"], seed=0)
     assert alone.items == [i for i in edge_mix.items if i.task == "copa"]
     for bad in [{"cap_eval": {"mmlu": 5}}, {"cap_expert": -1}, {"cap_expert": 2.5}]:
-        with pytest.raises(InputError, match="caps"):
+        with pytest.raises(InputError, match="cap"):
             tasks.build_benchmark(["copa"], **bad)
     with pytest.raises(InputError, match="unknown"):
         tasks.build_benchmark(["copa", "nope"])

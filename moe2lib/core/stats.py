@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 
 
 def bootstrap_means(values, n_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
     """Means of ``values`` [M, N] over ``n_bootstrap`` resamples of the N prompts (shared by all M rows) → [M, B]."""
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
     n = values.shape[1]
-    if n == 0 or n_bootstrap < 1:
-        raise InputError(f"need prompts and n_bootstrap >= 1 (got N={n}, B={n_bootstrap})", param="n_bootstrap")
+    n_bootstrap = check_int(n_bootstrap, "n_bootstrap")
+    if n == 0:
+        raise InputError("no prompts to resample", param="values")
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64)  # [B, N]
     return values @ counts.T / n

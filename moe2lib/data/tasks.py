@@ -32,7 +32,7 @@ import numpy as np
 
 from ..infra.artifacts import read_json, write_json, write_text
 from .loaders import LETTERS, load_jsonl, load_mmlu, read_jsonl, resolve_data_dir
-from ..errors import InputError, ResourceUnavailable
+from ..errors import InputError, ResourceUnavailable, check_int
 
 
 @dataclass(frozen=True)
@@ -359,11 +359,9 @@ def _cap(cap, tasks, param) -> dict[str, int | None]:
     """Per-task cap from an int (every task), a mapping (missing tasks: no cap) or None (no cap)."""
     caps = dict(cap) if isinstance(cap, Mapping) else {t: cap for t in tasks}
     unknown = sorted(set(caps) - set(tasks))
-    bad = [v for v in caps.values() if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)]
-    if unknown or bad:
-        raise InputError(f"caps must be non-negative integers of tasks in the benchmark; "
-                         f"unknown tasks {unknown}, bad values {bad}", param=param)
-    return {t: caps.get(t) for t in tasks}
+    if unknown:
+        raise InputError(f"caps must be of tasks in the benchmark; unknown tasks {unknown}", param=param)
+    return {t: check_int(caps.get(t), param, low=0, none=True) for t in tasks}
 
 
 @dataclass

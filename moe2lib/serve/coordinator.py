@@ -53,7 +53,7 @@ import httpx
 import numpy as np
 
 from ..core import fusion, gating
-from ..errors import InputError, ResourceUnavailable
+from ..errors import InputError, ResourceUnavailable, check_int
 from . import chat
 
 
@@ -390,10 +390,8 @@ class Coordinator:
                  costs: Mapping[str, ExpertCost] | str | Path | None = None,
                  deadline_s: float | None = None, energy_j: float | None = None):
         self.experts = list(experts)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"must be None or an integer >= 1, got {top_k!r}", param="top_k")
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-            raise InputError(f"must be an integer >= 1, got {top_n!r}", param="top_n")
+        top_k = check_int(top_k, "top_k", none=True)
+        top_n = check_int(top_n, "top_n")
         if remainder not in fusion.REMAINDERS:
             raise InputError(f"must be one of {fusion.REMAINDERS}, got {remainder!r}", param="remainder")
         timeout = _positive(timeout, "timeout")
@@ -465,8 +463,7 @@ class Coordinator:
         """Yield steps as they are made; the finished :class:`Generation` is put in ``result["generation"]``.
 
         ``prompt``: a text, or chat messages rendered for each expert in its chat template."""
-        if max_tokens < 1:
-            raise InputError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        max_tokens = check_int(max_tokens, "max_tokens")
         run = _Run(self, prompt, max_tokens, temperature, seed, stop)
         async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=len(run.names))) as client:
             while run.finish is None:

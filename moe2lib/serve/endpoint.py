@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request  # FastAPI resolves the endpoints' annotations in this module
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 from .chat import check_messages
 from .coordinator import AllExpertsFailed, Coordinator, Generation, Prompt
 
@@ -35,9 +35,7 @@ class Limits:
 
     def __post_init__(self):
         for name in ("max_prompt_chars", "max_tokens", "max_concurrency", "max_body_bytes", "max_stop"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"must be an integer >= 1, got {v!r}", param=name)
+            check_int(getattr(self, name), name)
 
 
 class BodyTooLarge(InputError):
@@ -95,9 +93,7 @@ def parse_request(raw: bytes | str, chat: bool, limits: Limits = Limits()) -> Pa
     if any(0xD800 <= ord(c) <= 0xDFFF for c in text):  # "\ud800" escapes: no UTF-8 for the experts
         raise InputError(f"{what} holds an unpaired surrogate (not valid Unicode text)", param=what)
     n = body.get("max_tokens")
-    n = min(16, limits.max_tokens) if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_tokens:
-        raise InputError(f"max_tokens must be an integer in [1, {limits.max_tokens}]", param="max_tokens")
+    n = check_int(min(16, limits.max_tokens) if n is None else n, "max_tokens", high=limits.max_tokens)
     t = body.get("temperature", 0.0)
     t = 0.0 if t is None else t
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t) or t < 0:
@@ -107,9 +103,7 @@ def parse_request(raw: bytes | str, chat: bool, limits: Limits = Limits()) -> Pa
     if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop) or len(stop) > limits.max_stop:
         raise InputError(f"stop must be a string or a list of at most {limits.max_stop} strings", param="stop")
     seed = body.get("seed", 0)
-    seed = 0 if seed is None else seed
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
-        raise InputError("seed must be an integer in [0, 2^63)", param="seed")
+    seed = check_int(0 if seed is None else seed, "seed", low=0, high=2 ** 63 - 1)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InputError("stream must be true or false", param="stream")
