@@ -132,8 +132,7 @@ def expert_section(args):
     import tempfile
     from pathlib import Path
 
-    questions = loaders.load_mmlu("test")
-    prompts = [loaders.format_prompt(questions[i]) for i in loaders.stratified_sample(questions, args.expert_n, args.seed)]
+    prompts = [loaders.format_prompt(q) for q in loaders.mmlu_sample(args.expert_n, args.seed)]
     print(f"\nexpert rows: {len(prompts)} MMLU test prompts, {args.threads} threads, random LoRA r={args.rank} on "
           f"{args.modules}, best of {args.rounds} interleaved rounds; wall-clock on a shared machine\n")
     header = f"{'model':24s} {'expert':28s} {'q/s':>6s} {'tok/s':>7s} {'vs base':>8s} {'vs F16':>7s}"
@@ -198,8 +197,7 @@ def main(argv=None):
     if args.experts:
         return expert_section(args)
 
-    questions = loaders.load_mmlu("test")
-    sample = [questions[i] for i in loaders.stratified_sample(questions, args.n, args.seed)]
+    sample = loaders.mmlu_sample(args.n, args.seed)
     prompts = [loaders.format_prompt(q) for q in sample]
     answers = np.array([q.answer for q in sample])
     print(f"{len(prompts)} MMLU test prompts, {args.threads} threads\n")

@@ -124,8 +124,7 @@ def test_subject_accuracy_and_letter_bias_known_answers():
 
 
 def test_real_model_scores_mmlu(tmp_path):
-    questions = loaders.load_mmlu("test")
-    sample = [questions[i] for i in loaders.stratified_sample(questions, 24, seed=0)]
+    sample = loaders.mmlu_sample(24, seed=0)
     e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
     s = scoring.score_questions(sample, [e], tmp_path / "real.npz", progress=False)
     assert s.probs.shape == (24, 1, 4) and s.experts.tolist() == ["smollm2-135m-instruct"]

@@ -27,8 +27,8 @@ import numpy as np
 
 from ..core import gating, smo
 from ..core.scores import align_rows, correct_matrix  # noqa: F401 - part of this module's API
-from ..core.stats import bootstrap_means, percentile_interval, relative_improvement
-from ..errors import InputError
+from ..core.stats import bootstrap_means, percentile_interval, relative_improvement, stratified_sample
+from ..errors import InputError, check_int
 
 METHODS = ("single_agent", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
            "moe2_topk", "oracle")
@@ -45,19 +45,6 @@ DIFFERENCES = (("moe2", "single_agent"), ("moe2", "majority_voting"), ("moe2", "
 
 
 # --------------------------------------------------------------------------- baselines
-
-def train_test_split(questions, train_fraction: float, seed: int):
-    """Seeded (train, test) index arrays, stratified by subject (:func:`moe2lib.data.loaders.stratified_split`), non-empty."""
-    from ..data.loaders import stratified_split
-
-    if not 0 < train_fraction < 1:
-        raise InputError(f"must be in (0, 1), got {train_fraction}", param="train_fraction")
-    train, test = stratified_split(questions, 1 - train_fraction, seed)
-    if len(train) < 2 or len(test) < 1:
-        raise InputError(f"{len(questions)} questions split into {len(train)} train / {len(test)} test prompts; "
-                         "use more questions or another train_fraction", param="train_fraction")
-    return train, test
-
 
 def align_scores(qid, scores, *, answer=None, path=None):
     """``scores`` (a :class:`~moe2lib.core.scores.Scores`) reordered to ``qid``; with ``answer``, the answers must agree."""
@@ -450,25 +437,6 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
     return {"metrics": metrics, "network": net, "gate": G, "probs": P, "base_probs": PB}
 
 
-def stratified_resplit(groups, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, test) rows with ``n_test`` test rows spread over ``groups`` (e.g. tasks) in proportion."""
-    groups = np.asarray(groups).astype(str)
-    rng = np.random.default_rng(seed)
-    if not 0 < n_test < len(groups):
-        raise InputError(f"n_test must be in 1..{len(groups) - 1}, got {n_test}", param="n_test")
-    test = []
-    share = n_test / len(groups)
-    names = np.unique(groups)
-    quota = {g: int(np.floor(share * (groups == g).sum())) for g in names}
-    for g in rng.permutation(names)[: n_test - sum(quota.values())]:  # largest-remainder style, seeded
-        quota[g] += 1
-    for g in names:
-        rows = np.flatnonzero(groups == g)
-        test.extend(rng.choice(rows, size=min(quota[g], len(rows)), replace=False).tolist())
-    test = np.sort(np.array(test, dtype=np.int64))
-    return np.setdiff1d(np.arange(len(groups)), test), test
-
-
 NETWORK_KEYS = ("hidden", "dropout", "lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm",
                 "max_epochs", "patience", "val_fraction", "lr_factor", "lr_patience")
 
@@ -501,8 +469,9 @@ def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict
     E = align_scores(qid, Scores.load(paths["experts"]), path=paths["experts"])
     B = align_scores(qid, Scores.load(paths["base"]), answer=E.answer, path=paths["base"])
     split = artifacts.read_npz(paths["split"])
-    n_test = int(np.asarray(split["test"]).sum())
-    train, test = stratified_resplit(E.subject, n_test, seed)
+    n_test = check_int(int(np.asarray(split["test"]).sum()), "n_test", high=E.n - 1)  # a train row is left
+    test = stratified_sample(E.subject, n_test, seed, remainder="random")
+    train = np.setdiff1d(np.arange(E.n), test)
     net_params = {k: (tuple(params[k]) if k == "hidden" else params[k]) for k in NETWORK_KEYS if k in params}
     run = fig3_experiment(emb["X"].astype(np.float32), E, B, train, test,
                           lambda: gating.GatingNetwork(**net_params, seed=seed, n_threads=1),

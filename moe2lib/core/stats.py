@@ -1,4 +1,5 @@
-"""Statistics shared by the analyses: seeded percentile bootstrap intervals of paired per-prompt values."""
+"""Statistics shared by the analyses: seeded percentile bootstrap intervals of paired per-prompt values, and
+seeded samples stratified by group (subject, task)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,41 @@ def bootstrap_ci(values, n_bootstrap: int = 1000, seed: int = 0, level: float = 
 def relative_improvement(a, b):
     """The paper's form ``(a - b) / b`` (e.g. +14.4% of MoE2 over Single Agent)."""
     return (np.asarray(a, dtype=np.float64) - b) / b
+
+
+REMAINDERS = ("largest", "random")
+
+
+def stratified_sample(groups, n: int, seed: int, *, remainder: str = "largest") -> np.ndarray:
+    """Seeded sorted indices of exactly ``n`` of the rows, spread over their ``groups`` (a label per row) in
+    proportion.
+
+    Each group's quota is ``n * size / total`` and it gets the floor; the rows left over go by ``remainder``:
+
+    * ``"largest"`` — every group gets at least 1 when ``n`` is at least the number of groups, then the
+      rest goes one at a time to the largest shortfall (or is taken back from the largest excess), ties to
+      the first group in sorted order (the profiles stage's MMLU sample, ``data --sample``);
+    * ``"random"`` — one each to groups drawn at random (``evaluate``'s new test split).
+
+    Then each group's rows are drawn without replacement, groups in sorted order, from one generator.
+    """
+    if remainder not in REMAINDERS:
+        raise InputError(f"must be one of {REMAINDERS}, got {remainder!r}", param="remainder")
+    labels = np.asarray(groups).astype(str)
+    n = check_int(n, "n", high=len(labels))
+    names, sizes = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    if remainder == "largest":
+        quota = sizes * n / sizes.sum()
+        take = np.floor(quota).astype(np.int64)
+        if n >= len(names):
+            take = np.maximum(take, 1)
+        while take.sum() < n:
+            take[np.argmax(np.where(take < sizes, quota - take, -np.inf))] += 1
+        while take.sum() > n:
+            take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
+    else:
+        take = np.floor(n / len(labels) * sizes).astype(np.int64)
+        take[rng.permutation(len(names))[: n - take.sum()]] += 1
+    picked = [rng.choice(np.flatnonzero(labels == g), size=t, replace=False) for g, t in zip(names, take)]
+    return np.sort(np.concatenate(picked).astype(np.int64))

@@ -1,4 +1,4 @@
-"""Multiple-choice questions: MMLU in its original CSV layout and JSONL sets, prompts, seeded splits.
+"""Multiple-choice questions: MMLU in its original CSV layout and JSONL sets, prompts, the seeded MMLU sample.
 
 Every question becomes a :class:`Question`. Bad input (a row with the wrong number of columns, an
 answer outside A–D, an empty question, an empty file, a bad JSON line, bytes that are not UTF-8)
@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import operator
 import os
 import string
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
+from ..core.stats import stratified_sample
 from ..errors import InputError, ResourceUnavailable
 
 LETTERS = string.ascii_uppercase
@@ -240,73 +238,6 @@ def subjects_of(questions: Sequence[Question]) -> list[str]:
     return sorted({q.subject for q in questions})
 
 
-def _by_subject(questions) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, q in enumerate(questions):
-        groups.setdefault(q.subject, []).append(i)
-    return dict(sorted(groups.items()))
-
-
-def stratified_split(questions: Sequence[Question], test_fraction: float, seed: int):
-    """Seeded (train, test) index arrays, each subject split in the same proportion.
-
-    Each subject sends the floor or the ceiling of its share to the test side, chosen so that the
-    test side holds ``round(test_fraction * N)`` questions overall (largest remainders first, ties at
-    random): even a sample with one question per subject splits in proportion. A subject with two or
-    more questions keeps at least one on each side.
-    """
-    if not 0 < test_fraction < 1:
-        raise InputError(f"must be in (0, 1), got {test_fraction}", param="test_fraction")
-    rng = np.random.default_rng(seed)
-    groups = [rng.permutation(idx) for idx in _by_subject(questions).values()]
-    sizes = np.array([len(g) for g in groups])
-    quota = test_fraction * sizes
-    lo = np.floor(quota).astype(np.int64)
-    hi = np.ceil(quota).astype(np.int64)
-    two = sizes >= 2
-    lo[two] = np.clip(lo[two], 1, sizes[two] - 1)
-    hi[two] = np.clip(hi[two], 1, sizes[two] - 1)
-    k = lo.copy()
-    extra = int(round(test_fraction * sizes.sum())) - int(k.sum())
-    for i in np.lexsort((rng.random(len(groups)), -(quota - lo))):
-        if extra <= 0:
-            break
-        if hi[i] > k[i]:
-            k[i] += 1
-            extra -= 1
-    test = np.concatenate([g[:n] for g, n in zip(groups, k)]).astype(np.int64)
-    train = np.concatenate([g[n:] for g, n in zip(groups, k)]).astype(np.int64)
-    return np.sort(train), np.sort(test)
-
-
-def stratified_sample(questions: Sequence[Question], n: int, seed: int) -> np.ndarray:
-    """Seeded sample of exactly ``n`` sorted indices, allotted to subjects by largest remainder.
-
-    Each subject's quota is ``n * size / total``; it gets the floor, at least 1 when ``n`` is at least the
-    number of subjects, and the leftover goes one at a time to the largest shortfall (or is taken back
-    from the largest excess), ties to the first subject in sorted order.
-    """
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise InputError(f"must be an integer, got {n!r}", param="n") from None
-    if not 0 < n <= len(questions):
-        raise InputError(f"must be in 1..{len(questions)}, got {n}", param="n")
-    groups = _by_subject(questions)
-    sizes = np.array([len(v) for v in groups.values()], dtype=np.int64)
-    quota = sizes * n / sizes.sum()
-    take = np.floor(quota).astype(np.int64)
-    if n >= len(groups):
-        take = np.maximum(take, 1)
-    while take.sum() < n:
-        take[np.argmax(np.where(take < sizes, quota - take, -np.inf))] += 1
-    while take.sum() > n:
-        take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.choice(idx, size=t, replace=False) for idx, t in zip(groups.values(), take)]
-    return np.sort(np.concatenate(picked).astype(np.int64))
-
-
 def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None) -> list[Question]:
     """The profile's MMLU questions: a seeded sample stratified by subject (``n_questions=0``: all of them).
 
@@ -316,7 +247,7 @@ def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None)
     questions = load_mmlu(split, data_dir)
     if not n_questions:
         return questions
-    return [questions[i] for i in stratified_sample(questions, n_questions, seed)]
+    return [questions[i] for i in stratified_sample([q.subject for q in questions], n_questions, seed)]
 
 
 # --- the fine-tuning corpus (everything but MMLU's test/val/dev) -------------------------------------

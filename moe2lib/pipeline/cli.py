@@ -91,9 +91,7 @@ def _score(args):
     from ..data import loaders
     from ..models import experts, scoring
 
-    questions = loaders.load_mmlu(args.split, args.data_dir)
-    if args.n:
-        questions = [questions[i] for i in loaders.stratified_sample(questions, args.n, args.seed)]
+    questions = loaders.mmlu_sample(args.n, args.seed, args.split, args.data_dir)
     options = {"weights": args.weights} if args.backend == "llama_cpp" else {}
     exps = [experts.make_expert(m, backend=args.backend, n_threads=args.threads, **options) for m in args.models]
     scores = scoring.score_questions(questions, exps, args.out)
