@@ -63,6 +63,13 @@ def test_bootstrap_is_seeded_paired_and_near_the_normal_approximation():
     boot = bootstrap_means(np.stack([x, x, 1 - x]), 300, seed=3)
     np.testing.assert_array_equal(boot[0], boot[1])
     np.testing.assert_allclose(boot[0] + boot[2], 1.0)
+    # resampled by indices instead of counts: the same bootstrap, other draws; a generator goes on drawing
+    by_index = bootstrap_means(x, 2000, np.random.default_rng(1), resample="indices")
+    assert by_index.shape == (1, 2000) and by_index.mean() == pytest.approx(x.mean(), abs=0.01)
+    gen = np.random.default_rng(4)
+    first, second = (bootstrap_means(x, 50, gen, resample="indices") for _ in range(2))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, bootstrap_means(x, 50, 4, resample="indices"))
 
 
 def test_relative_improvement_is_the_papers_form():

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..infra import artifacts
-from .stats import percentile_interval
+from .stats import bootstrap_means, percentile_interval
 
 
 def correct_matrix(probs, answer) -> np.ndarray:
@@ -245,7 +245,7 @@ def own_cluster_gain(scores: Scores, base: Scores, clusters, expert_cluster, *, 
         if not rows.size:
             per.append({"n": 0, "gain": None, "ci95": None})
             continue
-        boot = d[rows, j][rng.integers(0, rows.size, size=(n_bootstrap, rows.size))].mean(1)
+        boot = bootstrap_means(d[rows, j], n_bootstrap, rng, resample="indices")[0]
         boots.append(boot)
         per.append({"n": int(rows.size), "gain": float(d[rows, j].mean()),
                     "ci95": [float(x) for x in percentile_interval(boot, level)]})

@@ -8,14 +8,27 @@ import numpy as np
 from ..errors import InputError, check_int
 
 
-def bootstrap_means(values, n_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
-    """Means of ``values`` [M, N] over ``n_bootstrap`` resamples of the N prompts (shared by all M rows) → [M, B]."""
+RESAMPLES = ("counts", "indices")
+
+
+def bootstrap_means(values, n_bootstrap: int = 1000, seed=0, *, resample: str = "counts") -> np.ndarray:
+    """Means of ``values`` [M, N] over ``n_bootstrap`` resamples of the N prompts (shared by all M rows) → [M, B].
+
+    ``seed`` is a seed or a ``numpy.random.Generator`` (drawn from, for several resamplings in a row).
+    ``resample`` is how a resample is drawn: ``"counts"``, how often each prompt is taken, all at once
+    (multinomial; Fig. 3's paired intervals), or ``"indices"``, N prompt indices uniformly (the own-cluster
+    gains); both kinds are the same bootstrap, kept apart so that each seeded interval stays as it was.
+    """
+    if resample not in RESAMPLES:
+        raise InputError(f"must be one of {RESAMPLES}, got {resample!r}", param="resample")
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
     n = values.shape[1]
     n_bootstrap = check_int(n_bootstrap, "n_bootstrap")
     if n == 0:
         raise InputError("no prompts to resample", param="values")
-    rng = np.random.default_rng(seed)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if resample == "indices":
+        return values[:, rng.integers(0, n, size=(n_bootstrap, n))].mean(-1)
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64)  # [B, N]
     return values @ counts.T / n
 
