@@ -259,7 +259,7 @@ def of_stage(stage: str, artifacts_dir) -> list[tuple[Callable, tuple]]:
         letter = (art / "base_models" / "scores_mmlu_letter.npz").exists()
         return [(base_models_task_accuracy, ())] + ([(base_models_letter_bias, ())] if letter else [])
     if stage == "profiles":
-        measured = "measured" in _read_json(art / "profiles" / "profiles.json")["modes"]
+        measured = "measured" in _profiles(art)["modes"]
         return [(profiles_fig5, ())] + ([(profiles_fit, ())] if measured else [])
     if stage == "tables":
         return [(tables_heatmaps, ())] + [(tables_pareto, (mode,)) for mode in _tables_params(art)["modes"]]

@@ -285,16 +285,19 @@ def load_costs(path, names: Sequence[str] | None = None, *, mode: str = "measure
                app_class: str = "all") -> dict[str, ExpertCost]:
     """Per-token delay/energy estimates of each expert from the profiles stage's ``profiles.json``.
 
-    That file (moe2lib.models.profiling) gives, per mode and expert, ``classes[app_class].delay_s`` and ``energy_j``
-    at a few answer lengths N; the per-token cost is the slope between the shortest and longest N and the
-    prompt part the intercept (eq. (6): T = τ + prefill + N·t). A flat ``{name: {"delay_s_per_token": ..,
+    That file (read and checked by :func:`moe2lib.models.profiling.load_profiles`: every one of ``names`` in
+    every mode) gives, per mode and expert, ``classes[app_class].delay_s`` and ``energy_j`` at a few answer
+    lengths N; the per-token cost is the slope between the shortest and longest N and the prompt part the
+    intercept (eq. (6): T = τ + prefill + N·t). A flat ``{name: {"delay_s_per_token": ..,
     "energy_j_per_token": .., "prompt_delay_s": .., "prompt_energy_j": ..}}`` file is read as well.
     """
     from ..infra.artifacts import read_json
+    from ..models.profiling import load_profiles
 
     data = read_json(path)
     costs = {}
-    if isinstance(data, dict) and isinstance(data.get("modes"), dict):
+    if isinstance(data, dict) and "modes" in data:
+        data = load_profiles(path, list(names or ()))
         if mode not in data["modes"]:
             raise InputError(f"unknown profile mode {mode!r}; known: {', '.join(data['modes'])}", path=path,
                              param="mode")
