@@ -160,6 +160,20 @@ def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     return chosen, gold
 
 
+def chance_per_question(scores: Scores) -> np.ndarray:
+    """1 / (number of choices) of each question → (N,)."""
+    c = scores.probs.shape[-1]
+    return 1.0 / (np.full(scores.n, c) if scores.n_choices is None else np.asarray(scores.n_choices))
+
+
+def task_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per task (``subject``): (tasks[T], accuracy[K, T], chance[T], questions per task[T])."""
+    tasks, acc, counts = subject_accuracy(scores)
+    inverse = np.unique(scores.subject, return_inverse=True)[1]
+    chance = np.bincount(inverse, weights=chance_per_question(scores)) / counts
+    return tasks, acc, chance, counts
+
+
 # --- specialisation: accuracy per prompt cluster, against the base models -----------------------------
 
 def align(scores: Scores, qid, path=None) -> Scores:
