@@ -53,7 +53,7 @@ class ParsedRequest:
     include_usage: bool = False
 
 
-def _finite(x) -> bool:
+def _is_finite(x) -> bool:
     try:
         return math.isfinite(float(x))
     except OverflowError:  # an integer too large for a float
@@ -96,7 +96,7 @@ def parse_request(raw: bytes | str, chat: bool, limits: Limits = Limits()) -> Pa
     n = check_int(min(16, limits.max_tokens) if n is None else n, "max_tokens", high=limits.max_tokens)
     t = body.get("temperature", 0.0)
     t = 0.0 if t is None else t
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _finite(t) or t < 0:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not _is_finite(t) or t < 0:
         raise InputError("temperature must be a finite number >= 0", param="temperature")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
