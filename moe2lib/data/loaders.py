@@ -13,7 +13,7 @@ import csv
 import json
 import os
 import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -248,77 +248,3 @@ def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None)
     if not n_questions:
         return questions
     return [questions[i] for i in stratified_sample([q.subject for q in questions], n_questions, seed)]
-
-
-# --- the fine-tuning corpus (everything but MMLU's test/val/dev) -------------------------------------
-
-def _aux_source(data_dir) -> list[Question]:
-    return [replace(q, subject=q.subject if q.subject.startswith("aux_") else f"aux_{q.subject}")
-            for q in load_mmlu("auxiliary_train", data_dir)]
-
-
-def _jsonl_source(relpaths: Sequence[str], subject_of):
-    def load(data_dir) -> list[Question]:
-        root = resolve_data_dir(data_dir, relpaths[0].split("/")[0])
-        out = []
-        for rel in relpaths:
-            files = sorted(root.glob(rel))
-            if not files:
-                raise ResourceUnavailable(f"{root / rel} not found; see {root / 'SOURCES.md'} for where it comes from")
-            for path in files:
-                out.extend(replace(q, subject=subject_of(path.stem), source=f"{_rel(path, root)}:{q.source.rsplit(':', 1)[1]}")
-                           for q in load_jsonl(path))
-        return out
-    return load
-
-
-FINETUNE_SOURCES = {
-    "mmlu_aux": _aux_source,
-    "arc_easy": _jsonl_source(["arc/llm-foundry_derived/arc_easy_test.jsonl"], lambda stem: "arc_easy"),
-    "arc_challenge": _jsonl_source(["arc/llm-foundry_derived/arc_challenge_test.jsonl"], lambda stem: "arc_challenge"),
-    "openbookqa": _jsonl_source(["openbookqa/llm-foundry_derived/openbookqa_test.jsonl"], lambda stem: "openbookqa"),
-    "agieval": _jsonl_source(["agieval/llm-foundry_derived/agi_eval_*.jsonl"],
-                             lambda stem: "agieval_" + stem.removeprefix("agi_eval_")),
-}
-"""Loaders of the fine-tuning sources; each Question's subject names where it came from
-(``aux_<file>`` for MMLU auxiliary_train files, ``arc_easy``, ``openbookqa``, ``agieval_<task>``)."""
-
-
-def _norm_text(text: str) -> str:
-    text = " ".join(text.lower().split())
-    return text[len("question:"):].lstrip() if text.startswith("question:") else text
-
-
-def load_finetune_corpus(sources: Sequence[str] = ("mmlu_aux", "arc_easy", "openbookqa", "agieval"),
-                         data_dir=None) -> list[Question]:
-    """The experts' fine-tuning questions: the named sources in order, without MMLU test/val/dev.
-
-    De-duplication: a question whose (question text, choices) — lower-cased, whitespace collapsed, ARC's
-    "Question:" prefix dropped — was already seen is skipped, across sources too (auxiliary_train's
-    ``science_*`` files repeat ~800 of its ``arc_easy`` rows). Items that share only the question text
-    but have other choices are different questions and stay. Leak guard: a question whose text equals that
-    of an MMLU test, val or dev question is dropped (here only generic stems such as "Which of the
-    following is true?" match), so no fine-tuning prompt repeats an evaluation question.
-    """
-    if isinstance(sources, str):
-        sources = (sources,)
-    unknown = [s for s in sources if s not in FINETUNE_SOURCES]
-    if unknown or not sources:
-        raise InputError(f"unknown fine-tuning sources {unknown}; known: {', '.join(FINETUNE_SOURCES)}",
-                         param="sources")
-    held_out = {_norm_text(q.question) for split in ("test", "val", "dev") for q in load_mmlu(split, data_dir)}
-    seen, out = set(), []
-    for name in sources:
-        for q in FINETUNE_SOURCES[name](data_dir):
-            key = (_norm_text(q.question), tuple(_norm_text(c) for c in q.choices))
-            if key in seen or key[0] in held_out:
-                continue
-            seen.add(key)
-            out.append(q)
-    return out
-
-
-def source_files(questions: Sequence[Question], data_dir=None) -> list[Path]:
-    """The sorted data files the questions were read from (their ``source`` is ``<file>:<line>``)."""
-    root = resolve_data_dir(data_dir, "mmlu")
-    return sorted({root / q.source.rsplit(":", 1)[0] for q in questions})

@@ -152,10 +152,6 @@ EDGE_MIX_DEFAULT: tuple[str, ...] = tuple(TASKS)
 """The ``edge-mix`` tasks: MMLU plus every task of the registry."""
 
 
-def task_names() -> list[str]:
-    return list(TASKS)
-
-
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
