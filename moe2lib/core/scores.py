@@ -3,8 +3,9 @@
 A :class:`Scores` holds ``probs[N, K, C]`` (each expert's distribution over the choices), ``answer[N]``,
 ``subject[N]``, ``qid[N]``, ``n_tokens[N, K]`` (prompt length in each expert's tokens), ``experts[K]``
 and, where questions have different numbers of choices, ``n_choices[N]`` (probs padded with zeros).
-One ``.npz`` file, no pickle, checked on load and save. Below it: accuracy per subject, per prompt
-cluster and on each expert's own cluster against its base model (the specialisation measures).
+One ``.npz`` file, no pickle, checked on load and save. Below it: accuracy (and chance) per subject, the
+letter bias, accuracy per prompt cluster and on each expert's own cluster against its base model (the
+specialisation measures).
 """
 
 from __future__ import annotations
@@ -179,11 +180,11 @@ def task_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 def align(scores: Scores, qid, path=None) -> Scores:
     """``scores`` with its rows reordered to ``qid``; the two must hold the same questions (else InputError)."""
     qid = np.asarray(qid).astype(str)
-    rows = align_rows(qid, scores.qid, path=path, hint="; score both on the same MMLU sample")
+    rows = align_rows(qid, scores.qid, path=path, hint="; score both on the same questions")
     extra = sorted(set(scores.qid.astype(str).tolist()) - set(qid.tolist()))
     if extra or len(set(qid.tolist())) != len(qid):
         raise InputError(f"question ids do not match: {len(extra)} extra (e.g. {extra[:3]}) or repeated; "
-                         "score both on the same MMLU sample", path=path, param="qid")
+                         "score both on the same questions", path=path, param="qid")
     return scores.subset(rows)
 
 
@@ -199,8 +200,9 @@ def concat_experts(*parts: Scores) -> Scores:
 
 
 def lookup_clusters(qid, cluster_qid, cluster, path=None) -> np.ndarray:
-    """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's mmlu_* arrays."""
-    rows = align_rows(qid, cluster_qid, path=path, param="mmlu_qid",
+    """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's eval_qid and
+    eval_cluster."""
+    rows = align_rows(qid, cluster_qid, path=path, param="cluster_qid",
                       hint=" have no cluster; rerun the clustering stage with these questions")
     return np.asarray(cluster, dtype=np.int64)[rows]
 
