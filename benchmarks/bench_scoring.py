@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from moe2lib.core.choice import normalise
 from moe2lib.data import loaders
 from moe2lib.models import experts, lora, registry
 
@@ -112,7 +113,7 @@ def choice_section(args):
             e._logprob_sums([(ids, len(ids) - k)])
         t_plain_out = time.perf_counter() - t0
         e.close()
-        char = np.array([(lp / [len(c) for _, c in r]).argmax() for (lp, _), r in zip(scores, reqs)])
+        char = np.array([normalise(lp, nt, [len(c) for _, c in r]).argmax() for (lp, nt), r in zip(scores, reqs)])
         acc_letter = np.mean([l.argmax() == g for l, g in zip(letter, gold)])
         n_choice, n = sum(counted), len(items)
         for path, tok, sec, acc in (("letter", n_letter, t_letter, acc_letter),
