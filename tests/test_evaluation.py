@@ -231,8 +231,8 @@ def test_fig3_experiment_routes_synthetic_experts_near_the_oracle():
     qid = np.array([f"q{i}" for i in range(n)])
     E = Scores(probs, answer, np.where(cluster == 0, "task1", "task2"), qid, np.ones((n, 3), int),
                np.array(["e0", "e1", "e2"]))
-    B = Scores(probs[:, 2:], answer, E.subject, qid, np.ones((n, 1), int), np.array(["base"]))
-    test = stratified_sample(E.subject, 200, seed=0, remainder="random")
+    B = Scores(probs[:, 2:], answer, E.task, qid, np.ones((n, 1), int), np.array(["base"]))
+    test = stratified_sample(E.task, 200, seed=0, remainder="random")
     train = np.setdiff1d(np.arange(n), test)
     run = evaluation.fig3_experiment(X, E, B, train, test, lambda: gating.GatingNetwork(max_epochs=60, seed=0),
                                      top_k=1, n_bootstrap=200)

@@ -426,7 +426,7 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
     methods, singles = correctness(P[test], y[test], G[test], best=best, top_k=top_k, base_probs=PB[test],
                                    base_names=[str(b) for b in base.experts], best_base=best_base)
     fig3 = fig3_metrics(methods, singles, n_bootstrap=n_bootstrap, seed=seed)
-    tasks = np.asarray(experts.subject)[test]
+    tasks = np.asarray(experts.task)[test]
     per_task = {str(t): {"n": int((tasks == t).sum()),
                          **{m: float(v[tasks == t].mean()) for m, v in methods.items()}}
                 for t in np.unique(tasks)}
@@ -470,7 +470,7 @@ def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict
     B = align_scores(qid, Scores.load(paths["base"]), answer=E.answer, path=paths["base"])
     split = artifacts.read_npz(paths["split"])
     n_test = check_int(int(np.asarray(split["test"]).sum()), "n_test", high=E.n - 1)  # a train row is left
-    test = stratified_sample(E.subject, n_test, seed, remainder="random")
+    test = stratified_sample(E.task, n_test, seed, remainder="random")
     train = np.setdiff1d(np.arange(E.n), test)
     net_params = {k: (tuple(params[k]) if k == "hidden" else params[k]) for k in NETWORK_KEYS if k in params}
     run = fig3_experiment(emb["X"].astype(np.float32), E, B, train, test,

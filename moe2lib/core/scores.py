@@ -1,9 +1,10 @@
 """The scores artifact: each expert's distribution over each question's choices, and what is read off it.
 
 A :class:`Scores` holds ``probs[N, K, C]`` (each expert's distribution over the choices), ``answer[N]``,
-``subject[N]``, ``qid[N]``, ``n_tokens[N, K]`` (prompt length in each expert's tokens), ``experts[K]``
+``task[N]`` (each question's task; for MMLU questions scored by their letter, its subject; stored under the
+key ``subject``), ``qid[N]``, ``n_tokens[N, K]`` (prompt length in each expert's tokens), ``experts[K]``
 and, where questions have different numbers of choices, ``n_choices[N]`` (probs padded with zeros).
-One ``.npz`` file, no pickle, checked on load and save. Below it: accuracy (and chance) per subject, the
+One ``.npz`` file, no pickle, checked on load and save. Below it: accuracy (and chance) per task, the
 letter bias, accuracy per prompt cluster and on each expert's own cluster against its base model (the
 specialisation measures).
 """
@@ -39,7 +40,7 @@ def align_rows(qid, other_qid, *, path=None, param: str = "qid", hint: str = "")
 class Scores:
     probs: np.ndarray
     answer: np.ndarray
-    subject: np.ndarray
+    task: np.ndarray  # saved as "subject", the key the scores files have always had
     qid: np.ndarray
     n_tokens: np.ndarray
     experts: np.ndarray
@@ -55,7 +56,7 @@ class Scores:
 
     def subset(self, rows) -> "Scores":
         rows = np.asarray(rows)
-        return Scores(self.probs[rows], self.answer[rows], self.subject[rows], self.qid[rows],
+        return Scores(self.probs[rows], self.answer[rows], self.task[rows], self.qid[rows],
                       self.n_tokens[rows], self.experts, None if self.n_choices is None else self.n_choices[rows])
 
     @property
@@ -69,7 +70,7 @@ class Scores:
         validate(self, path)
         _check_unique(self, path)
         extra = {} if self.n_choices is None else {"n_choices": self.n_choices}
-        return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.subject,
+        return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.task,
                                    qid=self.qid, n_tokens=self.n_tokens, experts=self.experts, **extra)
 
     @classmethod
@@ -78,7 +79,7 @@ class Scores:
         missing = [k for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts") if k not in data]
         if missing:
             raise InputError(f"scores file lacks {missing}", path=path)
-        scores = cls(**{k: data[k] for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts")},
+        scores = cls(data["probs"], data["answer"], data["subject"], data["qid"], data["n_tokens"], data["experts"],
                      n_choices=data.get("n_choices"))
         validate(scores, path)
         _check_unique(scores, path)
@@ -93,7 +94,7 @@ def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
     if s.probs.ndim != 3:
         raise InputError(f"probs must be (N, K, C), got shape {s.probs.shape}", path=path, param="probs")
     n, k, c = s.probs.shape
-    for name, arr, shape in (("answer", s.answer, (n,)), ("subject", s.subject, (n,)), ("qid", s.qid, (n,)),
+    for name, arr, shape in (("answer", s.answer, (n,)), ("task", s.task, (n,)), ("qid", s.qid, (n,)),
                              ("n_tokens", s.n_tokens, (n, k)), ("experts", s.experts, (k,))):
         if arr.shape != shape:
             raise InputError(f"{name} has shape {arr.shape}, expected {shape} to match probs {s.probs.shape}",
@@ -143,15 +144,6 @@ def _check_unique(s: Scores, path=None) -> None:
                              f"{name} must be distinct", path=path, param=name)
 
 
-def subject_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-subject accuracy of each expert: (subjects[S], accuracy[K, S], questions per subject[S])."""
-    subjects, inverse, counts = np.unique(scores.subject, return_inverse=True, return_counts=True)
-    correct = correct_matrix(scores.probs, scores.answer)
-    sums = np.zeros((len(subjects), correct.shape[1]))
-    np.add.at(sums, inverse, correct)
-    return subjects, (sums / counts[:, None]).T, counts
-
-
 def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     """How often each expert picks each letter (K, C), beside how often each letter is correct (C,)."""
     c = scores.probs.shape[-1]
@@ -168,11 +160,13 @@ def chance_per_question(scores: Scores) -> np.ndarray:
 
 
 def task_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per task (``subject``): (tasks[T], accuracy[K, T], chance[T], questions per task[T])."""
-    tasks, acc, counts = subject_accuracy(scores)
-    inverse = np.unique(scores.subject, return_inverse=True)[1]
+    """Per task, each expert's accuracy and chance: (tasks[T], accuracy[K, T], chance[T], questions per task[T])."""
+    tasks, inverse, counts = np.unique(scores.task, return_inverse=True, return_counts=True)
+    correct = correct_matrix(scores.probs, scores.answer)
+    sums = np.zeros((len(tasks), correct.shape[1]))
+    np.add.at(sums, inverse, correct)
     chance = np.bincount(inverse, weights=chance_per_question(scores)) / counts
-    return tasks, acc, chance, counts
+    return tasks, (sums / counts[:, None]).T, chance, counts
 
 
 # --- specialisation: accuracy per prompt cluster, against the base models -----------------------------
@@ -194,7 +188,7 @@ def concat_experts(*parts: Scores) -> Scores:
     for p in parts[1:]:
         if not np.array_equal(p.qid, first.qid) or not np.array_equal(p.answer, first.answer):
             raise InputError("scores to concatenate must list the same questions in the same order", param="qid")
-    return Scores(np.concatenate([p.probs for p in parts], 1), first.answer, first.subject, first.qid,
+    return Scores(np.concatenate([p.probs for p in parts], 1), first.answer, first.task, first.qid,
                   np.concatenate([p.n_tokens for p in parts], 1), np.concatenate([p.experts for p in parts]),
                   first.n_choices)
 
