@@ -29,13 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from moe2lib.core.choice import normalise  # noqa: E402
 from moe2lib.data.tasks import ChoiceItem, build_benchmark  # noqa: E402
 from moe2lib.models.finetune import LoraFineTuner, LoraSettings  # noqa: E402
+from moe2lib.pipeline.config import profile_benchmark  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -46,8 +47,8 @@ DEFAULTS = LoraSettings()  # the default profile's: text target, r=16 on all sev
 def load_items(task: str) -> list[ChoiceItem]:
     """The task's expert-training questions under the default profile's edge-mix split (seed 0): what
     experts train on, never a gating-training or test question, so no choice made here sees the test split."""
-    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"))["benchmark"]
-    return build_benchmark([task], fractions=cfg["fractions"], seed=0).where("expert")
+    fractions = profile_benchmark("default")["fractions"]
+    return build_benchmark([task], fractions=fractions, seed=0).where("expert")
 
 
 def split(items, n_train, n_test, seed=0):
@@ -73,8 +74,8 @@ def score(ft: LoraFineTuner, model, tok, items, batch_items: int = 8) -> dict:
             for it, ex in zip(items[start:start + batch_items], chunk):
                 lp = ll[at:at + len(ex.choices)]
                 at += len(ex.choices)
-                chars = np.array([max(1, len(c)) for c in it.continuations])
-                right_char += int(np.argmax(lp / chars) == it.gold)
+                chars = [len(c) for c in it.continuations]
+                right_char += int(np.argmax(normalise(lp, None, chars)) == it.gold)
                 right_sum += int(np.argmax(lp) == it.gold)
     return {"acc_char": right_char / len(items), "acc_sum": right_sum / len(items)}
 

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from moe2lib.core.choice import normalise
 from moe2lib.data import loaders
 from moe2lib.models import experts, lora, registry
 
@@ -112,7 +113,7 @@ def choice_section(args):
             e._logprob_sums([(ids, len(ids) - k)])
         t_plain_out = time.perf_counter() - t0
         e.close()
-        char = np.array([(lp / [len(c) for _, c in r]).argmax() for (lp, _), r in zip(scores, reqs)])
+        char = np.array([normalise(lp, nt, [len(c) for _, c in r]).argmax() for (lp, nt), r in zip(scores, reqs)])
         acc_letter = np.mean([l.argmax() == g for l, g in zip(letter, gold)])
         n_choice, n = sum(counted), len(items)
         for path, tok, sec, acc in (("letter", n_letter, t_letter, acc_letter),
@@ -132,8 +133,7 @@ def expert_section(args):
     import tempfile
     from pathlib import Path
 
-    questions = loaders.load_mmlu("test")
-    prompts = [loaders.format_prompt(questions[i]) for i in loaders.stratified_sample(questions, args.expert_n, args.seed)]
+    prompts = [loaders.format_prompt(q) for q in loaders.mmlu_sample(args.expert_n, args.seed)]
     print(f"\nexpert rows: {len(prompts)} MMLU test prompts, {args.threads} threads, random LoRA r={args.rank} on "
           f"{args.modules}, best of {args.rounds} interleaved rounds; wall-clock on a shared machine\n")
     header = f"{'model':24s} {'expert':28s} {'q/s':>6s} {'tok/s':>7s} {'vs base':>8s} {'vs F16':>7s}"
@@ -198,8 +198,7 @@ def main(argv=None):
     if args.experts:
         return expert_section(args)
 
-    questions = loaders.load_mmlu("test")
-    sample = [questions[i] for i in loaders.stratified_sample(questions, args.n, args.seed)]
+    sample = loaders.mmlu_sample(args.n, args.seed)
     prompts = [loaders.format_prompt(q) for q in sample]
     answers = np.array([q.answer for q in sample])
     print(f"{len(prompts)} MMLU test prompts, {args.threads} threads\n")

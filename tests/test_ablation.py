@@ -9,6 +9,7 @@ from conftest import needs_data
 
 from moe2lib.errors import InputError
 from moe2lib.pipeline import ablation
+from moe2lib.pipeline.config import CONFIGS
 
 ROWS = """rows:
   - {name: "as configured"}
@@ -28,7 +29,7 @@ def test_rows_are_checked(tmp_path):
     bad.write_text("rows: []\n")
     with pytest.raises(InputError, match="non-empty"):
         ablation.load_rows(bad)
-    assert [r.slug for r in ablation.load_rows(ablation.runner.CONFIGS / "ablation.yaml")][:2] == [
+    assert [r.slug for r in ablation.load_rows(CONFIGS / "ablation.yaml")][:2] == [
         "as-configured", "task-clusters"]
 
 

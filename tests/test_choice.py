@@ -86,9 +86,7 @@ EDGE_CASES = [
 
 @pytest.fixture(scope="module")
 def questions():
-    mmlu = loaders.load_mmlu("test")
-    picked = [mmlu[i] for i in loaders.stratified_sample(mmlu, 6, seed=2)]
-    return picked + loaders.load_jsonl(ARC_EASY)[:6]
+    return loaders.mmlu_sample(6, seed=2) + loaders.load_jsonl(ARC_EASY)[:6]
 
 
 @pytest.fixture(scope="module", params=[("smollm2-135m-instruct", "native", TOL_SHARED), ("gemma3-270m", "Q8_0", TOL_SHARED),

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe2lib.core.stats import stratified_sample
 from moe2lib.data import loaders
 from moe2lib.errors import InputError, ResourceUnavailable
 
@@ -183,67 +184,60 @@ def _toy(sizes):
     return [loaders.Question(f"q{s}{i}", ("a", "b"), 0, f"s{s}") for s, n in enumerate(sizes) for i in range(n)]
 
 
-def test_stratified_split_keeps_subject_proportions():
-    qs = loaders.load_mmlu("test")
-    train, test = loaders.stratified_split(qs, 0.3, seed=0)
-    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(qs)
-    subj = np.array([q.subject for q in qs])
-    for s in loaders.subjects_of(qs):
-        n = (subj == s).sum()
-        assert abs((subj[test] == s).sum() - 0.3 * n) <= 1
-    again = loaders.stratified_split(qs, 0.3, seed=0)
-    other = loaders.stratified_split(qs, 0.3, seed=1)
-    assert np.array_equal(again[1], test) and not np.array_equal(other[1], test)
-    with pytest.raises(InputError, match="test_fraction"):
-        loaders.stratified_split(qs, 1.0, seed=0)
+def _subjects(questions):
+    return np.array([q.subject for q in questions])
 
 
 def test_stratified_sample_is_exact_and_proportional():
-    qs = loaders.load_mmlu("test")
-    idx = loaders.stratified_sample(qs, 570, seed=0)
+    subj = _subjects(loaders.load_mmlu("test"))
+    idx = stratified_sample(subj, 570, seed=0)
     assert len(idx) == 570 == len(set(idx.tolist()))
-    subj = np.array([q.subject for q in qs])
     assert len(set(subj[idx])) == 57
     assert abs((subj[idx] == "professional_law").sum() - 570 * 1534 / 14042) <= 1.5
-    assert np.array_equal(idx, loaders.stratified_sample(qs, 570, seed=0))
+    assert np.array_equal(idx, stratified_sample(subj, 570, seed=0))
     with pytest.raises(InputError, match="'n'"):
-        loaders.stratified_sample(qs, 14043, seed=0)
+        stratified_sample(subj, 14043, seed=0)
 
 
 def test_stratified_sample_allocation_on_toy_subjects():
-    subj = np.array([q.subject for q in _toy([50, 30, 20])])
-    idx = loaders.stratified_sample(_toy([50, 30, 20]), 10, seed=3)
+    subj = _subjects(_toy([50, 30, 20]))
+    idx = stratified_sample(subj, 10, seed=3)
     assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [5, 3, 2]
-    qs = _toy([97, 2, 1])
-    subj = np.array([q.subject for q in qs])
-    idx = loaders.stratified_sample(qs, 10, seed=3)
+    subj = _subjects(_toy([97, 2, 1]))
+    idx = stratified_sample(subj, 10, seed=3)
     assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [8, 1, 1]
-    qs = _toy([7, 5, 1])
-    subj = np.array([q.subject for q in qs])
-    idx = loaders.stratified_sample(qs, 2, seed=3)
+    subj = _subjects(_toy([7, 5, 1]))
+    idx = stratified_sample(subj, 2, seed=3)
     assert [(subj[idx] == s).sum() for s in ("s0", "s1", "s2")] == [1, 1, 0]
-    even = _toy([40, 40])
-    assert not np.array_equal(loaders.stratified_sample(even, 10, 0), loaders.stratified_sample(even, 10, 1))
+    even = _subjects(_toy([40, 40]))
+    assert not np.array_equal(stratified_sample(even, 10, 0), stratified_sample(even, 10, 1))
     for bad in (0, 2.5):
         with pytest.raises(InputError, match="'n'"):
-            loaders.stratified_sample(qs, bad, seed=0)
+            stratified_sample(subj, bad, seed=0)
+    with pytest.raises(InputError, match="remainder"):
+        stratified_sample(subj, 2, seed=0, remainder="smallest")
+
+
+def test_random_remainders_keep_shares_and_depend_on_seed():
+    groups = np.array(["a"] * 60 + ["b"] * 40)
+    test = stratified_sample(groups, 30, seed=1, remainder="random")
+    assert len(test) == 30 == len(set(test.tolist())) and (groups[test] == "a").sum() == 18
+    assert not np.array_equal(test, stratified_sample(groups, 30, seed=2, remainder="random"))
+    np.testing.assert_array_equal(test, stratified_sample(groups, 30, seed=1, remainder="random"))
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16))
-def test_split_is_a_seeded_partition(sizes, fraction, seed):
-    qs = _toy(sizes)
-    train, test = loaders.stratified_split(qs, fraction, seed)
-    assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(qs)))
-    t2 = loaders.stratified_split(qs, fraction, seed)
-    assert np.array_equal(train, t2[0]) and np.array_equal(test, t2[1])
-    subj = np.array([q.subject for q in qs])
-    for s, size in enumerate(sizes):
-        k = (subj[test] == f"s{s}").sum()
-        assert abs(k - fraction * size) <= 1 and (size < 2 or 0 < k < size)
-    n = int(np.clip(round(fraction * len(qs)), 1, len(qs)))
-    sample = loaders.stratified_sample(qs, n, seed)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=8), st.floats(0.05, 0.95), st.integers(0, 2**16),
+       st.sampled_from(["largest", "random"]))
+def test_sample_is_seeded_and_within_one_of_each_share(sizes, fraction, seed, remainder):
+    subj = _subjects(_toy(sizes))
+    n = int(np.clip(round(fraction * len(subj)), 1, len(subj)))
+    sample = stratified_sample(subj, n, seed, remainder=remainder)
     assert len(sample) == len(set(sample.tolist())) == n
+    assert np.array_equal(sample, stratified_sample(subj, n, seed, remainder=remainder))
+    if remainder == "random":  # "largest" gives every subject one first, when n allows
+        for s, size in enumerate(sizes):
+            assert abs((subj[sample] == f"s{s}").sum() - n * size / len(subj)) <= 1
 
 
 def test_mmlu_sample_is_the_shared_seeded_sample():
@@ -252,58 +246,3 @@ def test_mmlu_sample_is_the_shared_seeded_sample():
     assert [q.source for q in a] == [q.source for q in loaders.mmlu_sample(114, seed=3)]
     assert [q.source for q in a] != [q.source for q in loaders.mmlu_sample(114, seed=4)]
     assert len(loaders.mmlu_sample(0, seed=0, split="dev")) == 285
-
-
-def _key(q):
-    return loaders._norm_text(q.question), tuple(loaders._norm_text(c) for c in q.choices)
-
-
-def test_finetune_corpus_counts_sources_and_dedup():
-    corpus = loaders.load_finetune_corpus()
-    by = {}
-    for q in corpus:
-        by[q.subject] = by.get(q.subject, 0) + 1
-    # 11,008 auxiliary_train rows less 831 exact repeats (science_* files repeat arc_easy rows) and 7
-    # generic stems shared with MMLU; ARC-Easy test 2,376 less 2 already in auxiliary_train and 1 stem.
-    assert len(corpus) == 14915
-    assert by["arc_easy"] == 2373 and by["openbookqa"] == 500 and by["aux_obqa"] == 4944
-    assert by["agieval_lsat_lr"] == 510 and by["agieval_logiqa_en"] == 651 and by["aux_law_90s"] == 1115
-    assert sum(v for k, v in by.items() if k.startswith("agieval_")) == 1865
-    assert len({_key(q) for q in corpus}) == len(corpus)          # no exact duplicates
-    assert len({q.source for q in corpus}) == len(corpus)         # qids are unique
-    first = next(q for q in corpus if q.subject == "arc_easy")
-    assert first.source == "arc/llm-foundry_derived/arc_easy_test.jsonl:1"
-    assert first.question.startswith("Question: Which statement best explains why photosynthesis")
-
-
-def test_finetune_corpus_excludes_mmlu_evaluation_questions():
-    corpus = loaders.load_finetune_corpus()
-    held_out = {loaders._norm_text(q.question) for s in ("test", "val", "dev") for q in loaders.load_mmlu(s)}
-    assert not any(loaders._norm_text(q.question) in held_out for q in corpus)
-    assert not any(q.source.startswith(("mmlu/test/", "mmlu/val/", "mmlu/dev/")) for q in corpus)
-
-
-def test_finetune_corpus_sources_are_configurable():
-    arc = loaders.load_finetune_corpus(["arc_easy"])
-    assert len(arc) == 2375 and {q.subject for q in arc} == {"arc_easy"}
-    assert len(loaders.load_finetune_corpus("openbookqa")) == 500
-    with pytest.raises(InputError, match="known: mmlu_aux, arc_easy") as err:
-        loaders.load_finetune_corpus(["arc_easy", "squad"])
-    assert err.value.param == "sources" and "squad" in str(err.value)
-
-
-def test_source_files_of_questions():
-    qs = loaders.load_finetune_corpus(["openbookqa"]) + loaders.load_mmlu("dev", subjects=["anatomy"])
-    files = loaders.source_files(qs)
-    root = loaders.resolve_data_dir()
-    assert files == sorted([root / "mmlu/dev/anatomy_dev.csv",
-                            root / "openbookqa/llm-foundry_derived/openbookqa_test.jsonl"])
-    assert all(f.exists() for f in files)
-
-
-def test_split_of_one_question_per_subject_keeps_the_fraction():
-    qs = loaders.mmlu_sample(57, seed=0)
-    train, test = loaders.stratified_split(qs, 0.5, seed=0)
-    assert len(test) == 28 and len(train) == 29
-    train, test = loaders.stratified_split(qs, 0.25, seed=1)
-    assert len(test) == 14

@@ -7,7 +7,7 @@ import pytest
 from moe2lib.analysis import evaluation
 from moe2lib.core import gating
 from moe2lib.core.scores import align_rows
-from moe2lib.core.stats import bootstrap_ci, bootstrap_means, relative_improvement
+from moe2lib.core.stats import bootstrap_ci, bootstrap_means, relative_improvement, stratified_sample
 from moe2lib.errors import InputError
 
 matplotlib.use("Agg")
@@ -63,6 +63,13 @@ def test_bootstrap_is_seeded_paired_and_near_the_normal_approximation():
     boot = bootstrap_means(np.stack([x, x, 1 - x]), 300, seed=3)
     np.testing.assert_array_equal(boot[0], boot[1])
     np.testing.assert_allclose(boot[0] + boot[2], 1.0)
+    # resampled by indices instead of counts: the same bootstrap, other draws; a generator goes on drawing
+    by_index = bootstrap_means(x, 2000, np.random.default_rng(1), resample="indices")
+    assert by_index.shape == (1, 2000) and by_index.mean() == pytest.approx(x.mean(), abs=0.01)
+    gen = np.random.default_rng(4)
+    first, second = (bootstrap_means(x, 50, gen, resample="indices") for _ in range(2))
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, bootstrap_means(x, 50, 4, resample="indices"))
 
 
 def test_relative_improvement_is_the_papers_form():
@@ -182,20 +189,6 @@ def test_figures_draw_from_metrics():
     assert len(evaluation.theorems_figure(t1, t2).axes) == 2
 
 
-def test_train_test_split_is_stratified_and_refuses_an_empty_side():
-    from moe2lib.data.loaders import Question
-
-    qs = [Question(f"q{i}", ("a", "b", "c", "d"), i % 4, f"s{i % 3}", f"f:{i}") for i in range(30)]
-    train, test = evaluation.train_test_split(qs, 0.5, seed=0)
-    assert len(train) == len(test) == 15 and not set(train) & set(test)
-    assert sorted({qs[i].subject for i in test}) == ["s0", "s1", "s2"]
-    with pytest.raises(InputError) as err:
-        evaluation.train_test_split(qs[:1], 0.5, seed=0)
-    assert err.value.param == "train_fraction"
-    with pytest.raises(InputError):
-        evaluation.train_test_split(qs, 1.0, seed=0)
-
-
 def test_single_agent_is_the_base_model_chosen_on_train():
     answer = np.zeros(4, int)
     probs = np.stack([_onehot([0, 0, 0, 0]), _onehot([1, 1, 1, 1])], axis=1)
@@ -229,15 +222,6 @@ def test_fit_temperatures_recovers_the_generating_one():
     assert t.shape == (1,) and 1.7 < t[0] < 2.3
 
 
-def test_stratified_resplit_keeps_shares_and_depends_on_seed():
-    groups = np.array(["a"] * 60 + ["b"] * 40)
-    train, test = evaluation.stratified_resplit(groups, 30, seed=1)
-    assert len(test) == 30 and (groups[test] == "a").sum() == 18 and not set(train) & set(test)
-    assert len(train) + len(test) == 100
-    assert not np.array_equal(test, evaluation.stratified_resplit(groups, 30, seed=2)[1])
-    np.testing.assert_array_equal(test, evaluation.stratified_resplit(groups, 30, seed=1)[1])
-
-
 def test_fig3_experiment_routes_synthetic_experts_near_the_oracle():
     """Expert 0 knows task 1, expert 1 task 2: MoE2 is near the oracle and above voting and the base model."""
     from moe2lib.core.scores import Scores
@@ -247,8 +231,9 @@ def test_fig3_experiment_routes_synthetic_experts_near_the_oracle():
     qid = np.array([f"q{i}" for i in range(n)])
     E = Scores(probs, answer, np.where(cluster == 0, "task1", "task2"), qid, np.ones((n, 3), int),
                np.array(["e0", "e1", "e2"]))
-    B = Scores(probs[:, 2:], answer, E.subject, qid, np.ones((n, 1), int), np.array(["base"]))
-    train, test = evaluation.stratified_resplit(E.subject, 200, seed=0)
+    B = Scores(probs[:, 2:], answer, E.task, qid, np.ones((n, 1), int), np.array(["base"]))
+    test = stratified_sample(E.task, 200, seed=0, remainder="random")
+    train = np.setdiff1d(np.arange(n), test)
     run = evaluation.fig3_experiment(X, E, B, train, test, lambda: gating.GatingNetwork(max_epochs=60, seed=0),
                                      top_k=1, n_bootstrap=200)
     m = run["metrics"]

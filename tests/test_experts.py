@@ -17,8 +17,7 @@ MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
 
 @pytest.fixture(scope="module")
 def sample():
-    questions = loaders.load_mmlu("test")
-    return [questions[i] for i in loaders.stratified_sample(questions, 57, seed=1)]
+    return loaders.mmlu_sample(57, seed=1)
 
 
 @pytest.fixture(scope="module", params=MODELS)

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from conftest import needs_data
 
-from moe2lib.pipeline import runner
+from moe2lib.pipeline import config, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "01_base_models.ipynb"   # scores real questions with both packaged models; two figures, two bars
@@ -152,7 +152,7 @@ def test_notebook_runs_all_cells_in_jupyterlab(lab, tmp_path):
 
     base, token, notebooks, log = lab
     # the notebook with the smoke profile's values in papermill's injected cell, as reproduce runs it
-    cfg, cfg_path = runner.load_config("smoke")
+    cfg, cfg_path = config.load_config("smoke")
     params = runner.stage_params(cfg, cfg_path, runner.STAGES["base_models"], "smoke", tmp_path / "run")
     papermill.execute_notebook(str(SOURCE), str(notebooks / NOTEBOOK), parameters=params,
                                prepare_only=True, log_output=False, progress_bar=False)

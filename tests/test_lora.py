@@ -39,8 +39,7 @@ def random_peft_adapter(name: str, out_dir, std: float = 0.1, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def prompts():
-    qs = loaders.load_mmlu("test")
-    return [loaders.format_prompt(qs[i]) for i in loaders.stratified_sample(qs, 8, seed=3)]
+    return [loaders.format_prompt(q) for q in loaders.mmlu_sample(8, seed=3)]
 
 
 @pytest.fixture(scope="module", params=MODELS)

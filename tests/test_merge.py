@@ -54,8 +54,7 @@ def adapter(request, cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts():
-    qs = loaders.load_mmlu("test")
-    return [loaders.format_prompt(qs[i]) for i in loaders.stratified_sample(qs, 8, seed=3)]
+    return [loaders.format_prompt(q) for q in loaders.mmlu_sample(8, seed=3)]
 
 
 def next_token_probs(expert, prompts) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 
 from moe2lib.errors import InputError
 from moe2lib.infra import artifacts
-from moe2lib.pipeline import runner
+from moe2lib.pipeline import config, runner
 
 
 def _cfg(tmp_path, text):
@@ -17,11 +17,28 @@ def _cfg(tmp_path, text):
 
 
 def test_profiles_load_and_match_their_notebooks():
-    for profile in runner.PROFILES:
-        cfg, path = runner.load_config(profile)
+    for profile in config.PROFILES:
+        cfg, path = config.load_config(profile)
         for stage in runner.STAGES.values():
             params = runner.stage_params(cfg, path, stage, profile, runner.out_root(profile))
             assert params["profile"] == profile and params["seed"] == cfg["seed"]
+
+
+def test_the_benchmark_is_written_once_in_the_profile(tmp_path):
+    """No notebook repeats the task list: its benchmark parameter is None, the pipeline passes the profile's,
+    and a notebook opened by hand reads its profile's (the default profile's where a profile names none)."""
+    users = [s for s in runner.STAGES.values() if "benchmark" in runner.notebook_parameters(s)]
+    assert [s.name for s in users] == ["base_models", "clustering", "experts", "scoring", "gating"]
+    assert all(runner.notebook_parameters(s)["benchmark"] is None for s in users)
+    for profile in config.PROFILES:
+        cfg, path = config.load_config(profile)
+        assert config.profile_benchmark(profile) == cfg["benchmark"]
+        assert all(runner.stage_params(cfg, path, s, profile, tmp_path)["benchmark"] == cfg["benchmark"] for s in users)
+    bare = _cfg(tmp_path, "seed: 0\n")
+    cfg, _ = config.load_config(str(bare))
+    default = config.profile_benchmark("default")
+    assert config.profile_benchmark(str(bare)) == default
+    assert runner.stage_params(cfg, bare, users[0], "p", tmp_path)["benchmark"] == default
 
 
 @pytest.mark.parametrize("text, message", [
@@ -34,7 +51,7 @@ def test_profiles_load_and_match_their_notebooks():
 def test_bad_profiles_name_file_and_key(tmp_path, text, message):
     path = _cfg(tmp_path, text)
     with pytest.raises(InputError, match=message):
-        cfg, _ = runner.load_config(str(path))
+        cfg, _ = config.load_config(str(path))
         for stage in runner.STAGES.values():
             runner.stage_params(cfg, path, stage, "p", tmp_path)
 

@@ -24,7 +24,7 @@ from moe2lib.data import loaders
 from moe2lib.errors import InputError
 from moe2lib.infra import artifacts
 from moe2lib.models import experts, scoring
-from moe2lib.pipeline import runner
+from moe2lib.pipeline import config, runner
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -306,7 +306,7 @@ def _stage_errors(tmp_path, text):
     path = tmp_path / "p.yaml"
     path.write_text(text)
     try:
-        cfg, _ = runner.load_config(str(path))
+        cfg, _ = config.load_config(str(path))
         for stage in runner.STAGES.values():
             runner.stage_params(cfg, path, stage, "p", tmp_path)
     except InputError as exc:
@@ -373,7 +373,7 @@ def test_config_values_the_types_allow_are_accepted(tmp_path, monkeypatch):
         gating: {{hidden: [64], embedding_model: all-minilm-l6-v2}}
         """)
     assert _stage_errors(tmp_path, text) is None
-    cfg, path = runner.load_config(str(tmp_path / "p.yaml"))
+    cfg, path = config.load_config(str(tmp_path / "p.yaml"))
     params = runner.stage_params(cfg, path, runner.STAGES["tables"], "p", tmp_path)
     assert params["delay_budgets"] == [1, 2.5, None]
 
@@ -390,9 +390,9 @@ def test_type_rules_follow_the_notebook_default():
 def test_yaml_line_finds_nested_keys_and_items(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("a: 1\nb:\n  c: [1,\n    2]\n  d:\n    - x\n    - y\n")
-    assert runner.yaml_line(path, "a") == 1 and runner.yaml_line(path, "b", "c") == 3
-    assert runner.yaml_line(path, "b", "c", 1) == 4 and runner.yaml_line(path, "b", "d", 1) == 7
-    assert runner.yaml_line(path, "b", "nope") == 2 and runner.yaml_line(tmp_path / "missing.yaml", "a") is None
+    assert config.yaml_line(path, "a") == 1 and config.yaml_line(path, "b", "c") == 3
+    assert config.yaml_line(path, "b", "c", 1) == 4 and config.yaml_line(path, "b", "d", 1) == 7
+    assert config.yaml_line(path, "b", "nope") == 2 and config.yaml_line(tmp_path / "missing.yaml", "a") is None
 
 
 # --------------------------------------------------------------------------- validation: data files

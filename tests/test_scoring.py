@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from moe2lib.core.scores import Scores, letter_bias, subject_accuracy, validate
+from moe2lib.core.scores import Scores, letter_bias, task_accuracy, validate
 from moe2lib.data import loaders
 from moe2lib.errors import InputError
 from moe2lib.models import experts, scoring
@@ -82,7 +82,7 @@ def test_a_retrained_adapter_does_not_reuse_a_stale_partial(tmp_path):
 
 def _scores(**over):
     probs = np.full((3, 2, 4), 0.25, dtype=np.float32)
-    base = dict(probs=probs, answer=np.array([0, 1, 2]), subject=np.array(["a", "a", "b"]),
+    base = dict(probs=probs, answer=np.array([0, 1, 2]), task=np.array(["a", "a", "b"]),
                 qid=np.array(["1", "2", "3"]), n_tokens=np.ones((3, 2), np.int32), experts=np.array(["x", "y"]))
     base.update(over)
     return Scores(**base)
@@ -98,7 +98,7 @@ def test_bad_probabilities_are_named(tmp_path, change, message):
     change(s.probs)
     path = tmp_path / "bad.npz"
     from moe2lib.infra import artifacts
-    artifacts.write_npz(path, probs=s.probs, answer=s.answer, subject=s.subject, qid=s.qid,
+    artifacts.write_npz(path, probs=s.probs, answer=s.answer, subject=s.task, qid=s.qid,
                         n_tokens=s.n_tokens, experts=s.experts)
     with pytest.raises(InputError, match=message) as err:
         Scores.load(path)
@@ -110,23 +110,33 @@ def test_shape_mismatch_is_named():
         validate(_scores(answer=np.array([0, 1])))
 
 
-def test_subject_accuracy_and_letter_bias_known_answers():
+def test_task_accuracy_and_letter_bias_known_answers():
     probs = np.zeros((4, 1, 4), np.float32)
     probs[[0, 1, 2, 3], 0, [0, 0, 0, 3]] = 1  # picks A, A, A, D
     s = Scores(probs, np.array([0, 1, 0, 3]), np.array(["m", "m", "p", "p"]), np.array(list("1234")),
                        np.ones((4, 1), np.int32), np.array(["e"]))
-    subjects, acc, counts = subject_accuracy(s)
-    assert subjects.tolist() == ["m", "p"] and counts.tolist() == [2, 2]
+    tasks, acc, chance, counts = task_accuracy(s)
+    assert tasks.tolist() == ["m", "p"] and counts.tolist() == [2, 2]
     np.testing.assert_allclose(acc, [[0.5, 1.0]])
+    np.testing.assert_allclose(chance, [0.25, 0.25])
     chosen, gold = letter_bias(s)
     np.testing.assert_allclose(chosen, [[0.75, 0, 0, 0.25]])
     np.testing.assert_allclose(gold, [0.5, 0.25, 0, 0.25])
 
 
+def test_scores_files_keep_their_subject_key(tmp_path):
+    """Scores.task is stored under the key the committed scores files have: "subject"."""
+    s = _scores()
+    s.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as f:
+        assert "subject" in f.files and "task" not in f.files
+        np.testing.assert_array_equal(f["subject"], s.task)
+    np.testing.assert_array_equal(Scores.load(tmp_path / "s.npz").task, s.task)
+
+
 @pytest.mark.slow  # scores with a model
 def test_real_model_scores_mmlu(tmp_path):
-    questions = loaders.load_mmlu("test")
-    sample = [questions[i] for i in loaders.stratified_sample(questions, 24, seed=0)]
+    sample = loaders.mmlu_sample(24, seed=0)
     e = experts.make_expert("smollm2-135m-instruct", n_threads=2)
     s = scoring.score_questions(sample, [e], tmp_path / "real.npz", progress=False)
     assert s.probs.shape == (24, 1, 4) and s.experts.tolist() == ["smollm2-135m-instruct"]

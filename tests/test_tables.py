@@ -59,7 +59,7 @@ def test_random_subsets_are_feasible_maximal_and_seeded():
 
 def test_table_layout_and_markdown():
     table, cells = tables.testbed_table(TRAIN, TEST, DELAY, ENERGY, 2.0, [1.0, 12.0, 25.0], n_random=5)
-    assert list(table.index) == list(tables.METHODS) and list(table.columns) == ["1", "12", "25"]
+    assert list(table.index) == list(tables.TABLE_METHODS) and list(table.columns) == ["1", "12", "25"]
     assert np.isnan(table["1"]).all() and table.loc["MoE2", "25"] == 100.0
     md = tables.markdown(table, "t")
     assert "| MoE2 | — | " in md and "100.0 |" in md

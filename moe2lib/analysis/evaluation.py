@@ -28,8 +28,8 @@ import numpy as np
 
 from ..core import gating, smo
 from ..core.scores import align_rows, correct_matrix  # noqa: F401 - part of this module's API
-from ..core.stats import bootstrap_means, percentile_interval, relative_improvement
-from ..errors import InputError
+from ..core.stats import bootstrap_means, percentile_interval, relative_improvement, stratified_sample
+from ..errors import InputError, check_int
 
 METHODS = ("single_agent", "generalist", "average_expert", "majority_voting", "best_expert", "router_top1", "moe2",
            "moe2_topk", "oracle")
@@ -47,19 +47,6 @@ DIFFERENCES = (("moe2", "single_agent"), ("moe2", "generalist"), ("moe2", "major
 
 
 # --------------------------------------------------------------------------- baselines
-
-def train_test_split(questions, train_fraction: float, seed: int):
-    """Seeded (train, test) index arrays, stratified by subject (:func:`moe2lib.data.loaders.stratified_split`), non-empty."""
-    from ..data.loaders import stratified_split
-
-    if not 0 < train_fraction < 1:
-        raise InputError(f"must be in (0, 1), got {train_fraction}", param="train_fraction")
-    train, test = stratified_split(questions, 1 - train_fraction, seed)
-    if len(train) < 2 or len(test) < 1:
-        raise InputError(f"{len(questions)} questions split into {len(train)} train / {len(test)} test prompts; "
-                         "use more questions or another train_fraction", param="train_fraction")
-    return train, test
-
 
 def align_scores(qid, scores, *, answer=None, path=None):
     """``scores`` (a :class:`~moe2lib.core.scores.Scores`) reordered to ``qid``; with ``answer``, the answers must agree."""
@@ -458,7 +445,7 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
                             "generalists": {str(e): float(a) for e, a in
                                             zip(generalist.experts, correct_matrix(PG[test], y[test]).mean(0))}}
     fig3 = fig3_metrics(methods, singles, n_bootstrap=n_bootstrap, seed=seed)
-    tasks = np.asarray(experts.subject)[test]
+    tasks = np.asarray(experts.task)[test]
     per_task = {str(t): {"n": int((tasks == t).sum()),
                          **{m: float(v[tasks == t].mean()) for m, v in methods.items()}}
                 for t in np.unique(tasks)}
@@ -468,25 +455,6 @@ def fig3_experiment(X, experts, base, train, test, make_network: Callable[[], "g
                "top_k": int(top_k), "temperatures": {"experts": t_exp.tolist(), "base": t_base.tolist()},
                **about_generalist}
     return {"metrics": metrics, "network": net, "gate": G, "probs": P, "base_probs": PB, "correct": methods}
-
-
-def stratified_resplit(groups, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, test) rows with ``n_test`` test rows spread over ``groups`` (e.g. tasks) in proportion."""
-    groups = np.asarray(groups).astype(str)
-    rng = np.random.default_rng(seed)
-    if not 0 < n_test < len(groups):
-        raise InputError(f"n_test must be in 1..{len(groups) - 1}, got {n_test}", param="n_test")
-    test = []
-    share = n_test / len(groups)
-    names = np.unique(groups)
-    quota = {g: int(np.floor(share * (groups == g).sum())) for g in names}
-    for g in rng.permutation(names)[: n_test - sum(quota.values())]:  # largest-remainder style, seeded
-        quota[g] += 1
-    for g in names:
-        rows = np.flatnonzero(groups == g)
-        test.extend(rng.choice(rows, size=min(quota[g], len(rows)), replace=False).tolist())
-    test = np.sort(np.array(test, dtype=np.int64))
-    return np.setdiff1d(np.arange(len(groups)), test), test
 
 
 NETWORK_KEYS = ("hidden", "dropout", "lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm",
@@ -528,8 +496,9 @@ def resplit(artifacts_dir, seed: int, *, n_bootstrap: int | None = None) -> dict
     gen_path = art / "scoring" / "generalists.npz"
     G = align_scores(qid, Scores.load(gen_path), answer=E.answer, path=gen_path) if gen_path.exists() else None
     split = artifacts.read_npz(paths["split"])
-    n_test = int(np.asarray(split["test"]).sum())
-    train, test = stratified_resplit(E.subject, n_test, seed)
+    n_test = check_int(int(np.asarray(split["test"]).sum()), "n_test", high=E.n - 1)  # a train row is left
+    test = stratified_sample(E.task, n_test, seed, remainder="random")
+    train = np.setdiff1d(np.arange(E.n), test)
     run = fig3_experiment(emb["X"].astype(np.float32), E, B, train, test, network_factory(params, seed),
                           top_k=int(params.get("top_k", 2)),
                           n_bootstrap=int(n_bootstrap or params.get("n_bootstrap", 1000)), seed=seed,

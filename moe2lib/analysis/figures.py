@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..core.scores import Scores, align, concat_experts
+from ..core.scores import Scores, align, concat_experts, letter_bias, task_accuracy
 from ..errors import InputError
 from ..infra import artifacts
 
@@ -42,20 +42,14 @@ def _nan(x) -> float:
 
 def base_models_task_accuracy(art):
     """Per-task accuracy above chance of the base models' choice scores."""
-    from ..core.scores import Scores
-    from . import plots
-
     scores = Scores.load(_need(Path(art) / "base_models" / "scores.npz"))
-    return plots.task_accuracy_figure(scores, "Base models: accuracy above chance per task")
+    return _task_accuracy_figure(scores, "Base models: accuracy above chance per task")
 
 
 def base_models_letter_bias(art):
     """MMLU asked for the answer letter: the share of answers per letter against the correct ones."""
-    from ..core.scores import Scores
-    from . import plots
-
     letter = Scores.load(_need(Path(art) / "base_models" / "scores_mmlu_letter.npz"))
-    return plots.letter_bias_figure(letter, "Base models on MMLU, asked for the letter: answer-letter bias")
+    return _letter_bias_figure(letter, "Base models on MMLU, asked for the letter: answer-letter bias")
 
 
 # --------------------------------------------------------------------------- clustering
@@ -107,19 +101,17 @@ def experts_training_curves(art):
 def scoring_task_accuracy(art):
     """Who knows what: base models (first columns), experts and generalists (if trained), accuracy above
     chance per task."""
-    from . import plots
-
     art = Path(art)
     scores = Scores.load(_need(art / "scoring" / "scores.npz"))
     base_path = _need(art / "base_models" / "scores.npz")
     base = align(Scores.load(base_path), scores.qid, path=base_path)
     gen_path = art / "scoring" / "generalists.npz"
     if not gen_path.exists():
-        return plots.task_accuracy_figure(concat_experts(base, scores),
-                                          "Base models and experts: accuracy above chance per task")
+        return _task_accuracy_figure(concat_experts(base, scores),
+                                     "Base models and experts: accuracy above chance per task")
     gen = align(Scores.load(gen_path), scores.qid, path=gen_path)
-    return plots.task_accuracy_figure(concat_experts(base, scores, gen),
-                                      "Base models, experts and generalists: accuracy above chance per task")
+    return _task_accuracy_figure(concat_experts(base, scores, gen),
+                                 "Base models, experts and generalists: accuracy above chance per task")
 
 
 def scoring_cluster_delta(art):
@@ -237,6 +229,53 @@ def fusion_steps(art):
     return fusion.steps_figure(_read_json(Path(art) / "fusion" / "trace.json")["steps"])
 
 
+# --------------------------------------------------------------------------- drawn from scores
+
+def _task_accuracy_figure(scores: Scores, title: str):
+    """Who knows what: each model's accuracy minus chance per task (points), annotated, tasks as rows."""
+    import matplotlib.pyplot as plt
+
+    tasks, acc, chance, counts = task_accuracy(scores)
+    delta = 100 * (acc - chance[None, :])
+    lim = max(10.0, float(np.nanmax(np.abs(delta))))
+    fig, ax = plt.subplots(figsize=(0.75 * acc.shape[0] + 4, 0.3 * len(tasks) + 1.8))
+    im = ax.imshow(delta.T, aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim)
+    for t in range(len(tasks)):
+        for j in range(acc.shape[0]):
+            ax.text(j, t, f"{100 * acc[j, t]:.0f}", ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(tasks)), [f"{t} (n={n}, chance {100 * c:.0f})" for t, n, c in zip(tasks, counts, chance)],
+                  fontsize=7)
+    overall = scores.accuracy()
+    ax.set_xticks(range(acc.shape[0]), [f"{e}\n{100 * a:.1f}%" for e, a in zip(scores.experts, overall)],
+                  fontsize=6, rotation=45, ha="right")
+    fig.colorbar(im, ax=ax, fraction=0.04).set_label("accuracy minus chance (points); numbers: accuracy %")
+    ax.set_title(f"{title} (n={scores.n})", fontsize=9)
+    return fig
+
+
+def _letter_bias_figure(scores: Scores, title: str):
+    """Share of answers per letter for each expert against the share of correct answers per letter."""
+    import matplotlib.pyplot as plt
+
+    from ..data.loaders import LETTERS
+
+    chosen, gold = letter_bias(scores)
+    k, c = chosen.shape
+    fig, ax = plt.subplots(figsize=(1.2 * c * max(1, k / 2) + 3, 3.5))
+    width = 0.8 / k
+    x = np.arange(c)
+    for j in range(k):
+        ax.bar(x + (j - (k - 1) / 2) * width, chosen[j], width, label=str(scores.experts[j]))
+    ax.step(np.r_[x - 0.5, c - 0.5], np.r_[gold, gold[-1]], where="post", color="k", lw=1.5,
+            label="correct answers")
+    ax.set_xticks(x, list(LETTERS[:c]))
+    ax.set_ylabel("share of answers")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title} (n={scores.n})")
+    return fig
+
+
 # --------------------------------------------------------------------------- drawing and saving
 
 def filename(draw: Callable, *args) -> str:
@@ -265,7 +304,7 @@ def of_stage(stage: str, artifacts_dir) -> list[tuple[Callable, tuple]]:
         letter = (art / "base_models" / "scores_mmlu_letter.npz").exists()
         return [(base_models_task_accuracy, ())] + ([(base_models_letter_bias, ())] if letter else [])
     if stage == "profiles":
-        measured = "measured" in _read_json(art / "profiles" / "profiles.json")["modes"]
+        measured = "measured" in _profiles(art)["modes"]
         return [(profiles_fig5, ())] + ([(profiles_fit, ())] if measured else [])
     if stage == "tables":
         return [(tables_heatmaps, ())] + [(tables_pareto, (mode,)) for mode in _tables_params(art)["modes"]]

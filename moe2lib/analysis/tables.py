@@ -30,7 +30,7 @@ from .evaluation import majority_vote
 
 PAPER_ENERGY_BUDGETS = (5.0, 10.0, 15.0, 20.0, 25.0, 35.0, 50.0)  # J per prompt, Tables II–IV
 PAPER_DELAY_BUDGETS = {"1 s (Table II)": 1.0, "2 s (Table III)": 2.0, "relaxed (Table IV)": math.inf}
-METHODS = ("MoE2", "SMO + M.V.", "Random + M.V.")
+TABLE_METHODS = ("MoE2", "SMO + M.V.", "Random + M.V.")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def budget_cell(train: Split, test: Split, delay, energy, delay_budget: float, e
     """Accuracy of the three methods on ``test`` for one pair of budgets (SMO's loss on ``train``)."""
     budget = max(delay_budget - t_gate, 0.0)
     r = smo.select_subset(train.loss, delay, energy, budget, energy_budget, eps=eps)
-    acc = {m: math.nan for m in METHODS}
+    acc = {m: math.nan for m in TABLE_METHODS}
     if r.feasible:
         acc["MoE2"] = float((moe2_answers(test, r.mask, top_k) == test.answer).mean())
         acc["SMO + M.V."] = float((majority_vote(test.probs, r.mask) == test.answer).mean())
@@ -141,8 +141,8 @@ def _layout(energy_budgets, accuracies):
     """Tables II-IV's layout: methods x energy budgets, accuracy in %."""
     import pandas as pd
 
-    table = pd.DataFrame({f"{e:g}": [100 * a[m] for m in METHODS] for e, a in zip(energy_budgets, accuracies)},
-                         index=list(METHODS))
+    table = pd.DataFrame({f"{e:g}": [100 * a[m] for m in TABLE_METHODS] for e, a in zip(energy_budgets, accuracies)},
+                         index=list(TABLE_METHODS))
     table.index.name = "method"
     return table
 
@@ -289,10 +289,10 @@ def heatmap_figure(results: dict):
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.5 + 1.3 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         cells = results[name]["cells"]
-        acc = 100 * np.array([[c["accuracy"][m] for c in cells] for m in METHODS], dtype=float)  # None -> nan
+        acc = 100 * np.array([[c["accuracy"][m] for c in cells] for m in TABLE_METHODS], dtype=float)  # None -> nan
         ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", aspect="auto")
         mid = np.nanmean(acc) if np.isfinite(acc).any() else 0.0
-        ax.set_yticks(range(len(METHODS)), METHODS)
+        ax.set_yticks(range(len(TABLE_METHODS)), TABLE_METHODS)
         ax.set_xticks(range(len(cells)), [f"{c['energy_budget_j']:.3g}" for c in cells])
         for (i, j), v in np.ndenumerate(acc):
             ax.text(j, i, "—" if np.isnan(v) else f"{v:.1f}", ha="center", va="center",
@@ -322,14 +322,14 @@ def pareto_figure(masks, delay, energy, accuracy, title: str):
     return fig
 
 
-def _finite(x):
+def _json_number(x):
     """A float for JSON: None for NaN (no expert fits) and infinity (no budget)."""
     return float(x) if np.isfinite(x) else None
 
 
 def cell_records(cells: Sequence[BudgetCell], experts: Sequence[str]) -> list[dict]:
     """The cells of one table as JSON records (the subset by expert name; NaN and inf as null)."""
-    return [{"energy_budget_j": _finite(c.energy_budget), "subset": [experts[i] for i in np.flatnonzero(c.subset)],
-             "accuracy": {m: _finite(v) for m, v in c.accuracy.items()}, "random_std": _finite(c.random_std),
-             "smo_evaluations": c.evaluations, "smo_seconds": c.smo_seconds, "smo_loss": _finite(c.smo_loss),
-             "exhaustive_loss": _finite(c.exhaustive_loss)} for c in cells]
+    return [{"energy_budget_j": _json_number(c.energy_budget), "subset": [experts[i] for i in np.flatnonzero(c.subset)],
+             "accuracy": {m: _json_number(v) for m, v in c.accuracy.items()}, "random_std": _json_number(c.random_std),
+             "smo_evaluations": c.evaluations, "smo_seconds": c.smo_seconds, "smo_loss": _json_number(c.smo_loss),
+             "exhaustive_loss": _json_number(c.exhaustive_loss)} for c in cells]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 
-METHODS = ("char", "none", "token", "pmi")
+NORMALISATIONS = ("char", "none", "token", "pmi")
 PMI_CONTEXT = "Answer:"
 
 Request = Sequence[tuple[str, str]]
@@ -42,7 +42,7 @@ def normalise(logprob, n_tokens, n_chars, method: str = "char", unconditional=No
         if unconditional is None:
             raise InputError("pmi normalisation needs the unconditional log-probabilities", param="unconditional")
         return lp - np.asarray(unconditional, dtype=np.float64)
-    raise InputError(f"unknown normalisation {method!r}; known: {', '.join(METHODS)}", param="method")
+    raise InputError(f"unknown normalisation {method!r}; known: {', '.join(NORMALISATIONS)}", param="method")
 
 
 def unconditional_requests(requests: Sequence[Request], context: str = PMI_CONTEXT) -> list[list[tuple[str, str]]]:

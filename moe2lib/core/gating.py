@@ -17,12 +17,11 @@ Conventions of the pure functions (numpy, vectorised):
 from __future__ import annotations
 
 import copy
-import operator
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 from ..infra import artifacts, parallel
 
 __all__ = ["PROB_FLOOR", "GatingNetwork", "subset_weights", "topk_mask", "fuse", "subset_loss",
@@ -87,11 +86,9 @@ def topk_mask(gate, k: int | None, mask=None) -> np.ndarray:
         mask = np.broadcast_to(mask, np.broadcast_shapes(mask.shape, gate.shape))
     except ValueError:
         raise InputError(f"mask {mask.shape} does not broadcast against gate {gate.shape}", param="mask") from None
+    k = check_int(k, "k", none=True)
     if k is None:
         return mask.copy()
-    if isinstance(k, bool) or not hasattr(k, "__index__") or operator.index(k) < 1:
-        raise InputError(f"must be a positive integer or None, got {k!r}", param="k")
-    k = operator.index(k)
     rank = np.argsort(np.where(mask, -gate, np.inf), axis=-1, kind="stable").argsort(-1)
     return mask & (rank < k)
 
@@ -285,12 +282,12 @@ class GatingNetwork:
 
     def _check_params(self):
         hidden = tuple(self.hidden)
-        if len(hidden) < 1 or any(not isinstance(h, (int, np.integer)) or h < 1 for h in hidden):
-            raise InputError(f"hidden widths must be positive integers, got {self.hidden!r}", param="hidden")
+        if len(hidden) < 1:
+            raise InputError("needs at least one hidden layer", param="hidden")
+        for h in hidden:
+            check_int(h, "hidden")
         for name in ("batch_size", "grad_accum", "max_epochs", "patience", "lr_patience", "n_threads"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise InputError(f"must be a positive integer, got {v!r}", param=name)
+            check_int(getattr(self, name), name)
         for name, lo, hi in (("dropout", 0, 1), ("val_fraction", 0, 1), ("lr_factor", 0, 1)):
             v = getattr(self, name)
             if not lo <= v < hi:

@@ -1,10 +1,12 @@
 """The scores artifact: each expert's distribution over each question's choices, and what is read off it.
 
 A :class:`Scores` holds ``probs[N, K, C]`` (each expert's distribution over the choices), ``answer[N]``,
-``subject[N]``, ``qid[N]``, ``n_tokens[N, K]`` (prompt length in each expert's tokens), ``experts[K]``
+``task[N]`` (each question's task; for MMLU questions scored by their letter, its subject; stored under the
+key ``subject``), ``qid[N]``, ``n_tokens[N, K]`` (prompt length in each expert's tokens), ``experts[K]``
 and, where questions have different numbers of choices, ``n_choices[N]`` (probs padded with zeros).
-One ``.npz`` file, no pickle, checked on load and save. Below it: accuracy per subject, per prompt
-cluster and on each expert's own cluster against its base model (the specialisation measures).
+One ``.npz`` file, no pickle, checked on load and save. Below it: accuracy (and chance) per task, the
+letter bias, accuracy per prompt cluster and on each expert's own cluster against its base model (the
+specialisation measures).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..infra import artifacts
-from .stats import percentile_interval
+from .stats import bootstrap_means, percentile_interval
 
 
 def correct_matrix(probs, answer) -> np.ndarray:
@@ -38,7 +40,7 @@ def align_rows(qid, other_qid, *, path=None, param: str = "qid", hint: str = "")
 class Scores:
     probs: np.ndarray
     answer: np.ndarray
-    subject: np.ndarray
+    task: np.ndarray  # saved as "subject", the key the scores files have always had
     qid: np.ndarray
     n_tokens: np.ndarray
     experts: np.ndarray
@@ -54,7 +56,7 @@ class Scores:
 
     def subset(self, rows) -> "Scores":
         rows = np.asarray(rows)
-        return Scores(self.probs[rows], self.answer[rows], self.subject[rows], self.qid[rows],
+        return Scores(self.probs[rows], self.answer[rows], self.task[rows], self.qid[rows],
                       self.n_tokens[rows], self.experts, None if self.n_choices is None else self.n_choices[rows])
 
     @property
@@ -68,7 +70,7 @@ class Scores:
         validate(self, path)
         _check_unique(self, path)
         extra = {} if self.n_choices is None else {"n_choices": self.n_choices}
-        return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.subject,
+        return artifacts.write_npz(path, probs=self.probs, answer=self.answer, subject=self.task,
                                    qid=self.qid, n_tokens=self.n_tokens, experts=self.experts, **extra)
 
     @classmethod
@@ -77,7 +79,7 @@ class Scores:
         missing = [k for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts") if k not in data]
         if missing:
             raise InputError(f"scores file lacks {missing}", path=path)
-        scores = cls(**{k: data[k] for k in ("probs", "answer", "subject", "qid", "n_tokens", "experts")},
+        scores = cls(data["probs"], data["answer"], data["subject"], data["qid"], data["n_tokens"], data["experts"],
                      n_choices=data.get("n_choices"))
         validate(scores, path)
         _check_unique(scores, path)
@@ -92,7 +94,7 @@ def validate(s: Scores, path=None, atol: float = 1e-3) -> None:
     if s.probs.ndim != 3:
         raise InputError(f"probs must be (N, K, C), got shape {s.probs.shape}", path=path, param="probs")
     n, k, c = s.probs.shape
-    for name, arr, shape in (("answer", s.answer, (n,)), ("subject", s.subject, (n,)), ("qid", s.qid, (n,)),
+    for name, arr, shape in (("answer", s.answer, (n,)), ("task", s.task, (n,)), ("qid", s.qid, (n,)),
                              ("n_tokens", s.n_tokens, (n, k)), ("experts", s.experts, (k,))):
         if arr.shape != shape:
             raise InputError(f"{name} has shape {arr.shape}, expected {shape} to match probs {s.probs.shape}",
@@ -142,15 +144,6 @@ def _check_unique(s: Scores, path=None) -> None:
                              f"{name} must be distinct", path=path, param=name)
 
 
-def subject_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-subject accuracy of each expert: (subjects[S], accuracy[K, S], questions per subject[S])."""
-    subjects, inverse, counts = np.unique(scores.subject, return_inverse=True, return_counts=True)
-    correct = correct_matrix(scores.probs, scores.answer)
-    sums = np.zeros((len(subjects), correct.shape[1]))
-    np.add.at(sums, inverse, correct)
-    return subjects, (sums / counts[:, None]).T, counts
-
-
 def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     """How often each expert picks each letter (K, C), beside how often each letter is correct (C,)."""
     c = scores.probs.shape[-1]
@@ -160,16 +153,32 @@ def letter_bias(scores: Scores) -> tuple[np.ndarray, np.ndarray]:
     return chosen, gold
 
 
+def chance_per_question(scores: Scores) -> np.ndarray:
+    """1 / (number of choices) of each question → (N,)."""
+    c = scores.probs.shape[-1]
+    return 1.0 / (np.full(scores.n, c) if scores.n_choices is None else np.asarray(scores.n_choices))
+
+
+def task_accuracy(scores: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per task, each expert's accuracy and chance: (tasks[T], accuracy[K, T], chance[T], questions per task[T])."""
+    tasks, inverse, counts = np.unique(scores.task, return_inverse=True, return_counts=True)
+    correct = correct_matrix(scores.probs, scores.answer)
+    sums = np.zeros((len(tasks), correct.shape[1]))
+    np.add.at(sums, inverse, correct)
+    chance = np.bincount(inverse, weights=chance_per_question(scores)) / counts
+    return tasks, (sums / counts[:, None]).T, chance, counts
+
+
 # --- specialisation: accuracy per prompt cluster, against the base models -----------------------------
 
 def align(scores: Scores, qid, path=None) -> Scores:
     """``scores`` with its rows reordered to ``qid``; the two must hold the same questions (else InputError)."""
     qid = np.asarray(qid).astype(str)
-    rows = align_rows(qid, scores.qid, path=path, hint="; score both on the same MMLU sample")
+    rows = align_rows(qid, scores.qid, path=path, hint="; score both on the same questions")
     extra = sorted(set(scores.qid.astype(str).tolist()) - set(qid.tolist()))
     if extra or len(set(qid.tolist())) != len(qid):
         raise InputError(f"question ids do not match: {len(extra)} extra (e.g. {extra[:3]}) or repeated; "
-                         "score both on the same MMLU sample", path=path, param="qid")
+                         "score both on the same questions", path=path, param="qid")
     return scores.subset(rows)
 
 
@@ -179,14 +188,15 @@ def concat_experts(*parts: Scores) -> Scores:
     for p in parts[1:]:
         if not np.array_equal(p.qid, first.qid) or not np.array_equal(p.answer, first.answer):
             raise InputError("scores to concatenate must list the same questions in the same order", param="qid")
-    return Scores(np.concatenate([p.probs for p in parts], 1), first.answer, first.subject, first.qid,
+    return Scores(np.concatenate([p.probs for p in parts], 1), first.answer, first.task, first.qid,
                   np.concatenate([p.n_tokens for p in parts], 1), np.concatenate([p.experts for p in parts]),
                   first.n_choices)
 
 
 def lookup_clusters(qid, cluster_qid, cluster, path=None) -> np.ndarray:
-    """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's mmlu_* arrays."""
-    rows = align_rows(qid, cluster_qid, path=path, param="mmlu_qid",
+    """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's eval_qid and
+    eval_cluster."""
+    rows = align_rows(qid, cluster_qid, path=path, param="cluster_qid",
                       hint=" have no cluster; rerun the clustering stage with these questions")
     return np.asarray(cluster, dtype=np.int64)[rows]
 
@@ -245,7 +255,7 @@ def own_cluster_gain(scores: Scores, base: Scores, clusters, expert_cluster, *, 
         if not rows.size:
             per.append({"n": 0, "gain": None, "ci95": None})
             continue
-        boot = d[rows, j][rng.integers(0, rows.size, size=(n_bootstrap, rows.size))].mean(1)
+        boot = bootstrap_means(d[rows, j], n_bootstrap, rng, resample="indices")[0]
         boots.append(boot)
         per.append({"n": int(rows.size), "gain": float(d[rows, j].mean()),
                     "ci95": [float(x) for x in percentile_interval(boot, level)]})

@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 
 __all__ = [
     "SubsetResult", "select_subset", "exhaustive_subset", "greedy_subset", "subset_delay",
@@ -214,14 +214,6 @@ def _allowed(d, e, D, E, available) -> np.ndarray:
     if av.shape != d.shape or av.dtype != bool:
         raise InputError(f"must be a bool array of shape {d.shape}, got {av.dtype} {av.shape}", param="available")
     return ok & av
-
-
-def _positive_int(x, name: str, allow_none: bool = False):
-    if x is None and allow_none:
-        return None
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
-        raise InputError(f"must be a positive integer, got {x!r}", param=name)
-    return int(x)
 
 
 class _Oracle:
@@ -885,8 +877,8 @@ class _SearchOptions:
             raise InputError(f"must be a real number, got {eps!r}", param="eps") from None
         if math.isnan(eps) or eps < 0:
             raise InputError("must be a non-negative number", param="eps")
-        batch_size = _positive_int(batch_size, "batch_size")
-        max_evaluations = _positive_int(max_evaluations, "max_evaluations", allow_none=True)
+        batch_size = check_int(batch_size, "batch_size")
+        max_evaluations = check_int(max_evaluations, "max_evaluations", none=True)
         if time_limit is not None:
             time_limit = _budget(time_limit, "time_limit")
         if heuristics not in ("auto", "greedy", "full", "none"):
@@ -895,7 +887,7 @@ class _SearchOptions:
             raise InputError("must be 'energy' or 'index'", param="branch_order")
         if bounds not in ("monotone", "marginals", "convex"):
             raise InputError("must be 'monotone', 'marginals' or 'convex'", param="bounds")
-        relax_iters = _positive_int(relax_iters, "relax_iters")
+        relax_iters = check_int(relax_iters, "relax_iters")
         if bounds == "convex" and not callable(getattr(loss, "relaxed", None)):
             raise InputError("bounds='convex' needs loss.relaxed(X) -> (values, gradients), the loss's "
                              "convex extension to [0, 1]^K (SyntheticLoss(monotone=True) has one)", param="loss")
@@ -1000,7 +992,7 @@ def exhaustive_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, 
     """
     t0 = time.perf_counter()
     d, e, D, E = _validate(delay, energy, delay_budget, energy_budget)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     K = d.size
     if K > EXHAUSTIVE_MAX_K:
         raise InputError(f"K={K} experts is too large for exhaustive search (2^K subsets; at most "
@@ -1040,7 +1032,7 @@ def greedy_subset(loss: LossFn, delay, energy, delay_budget, energy_budget, *,
     """
     t0 = time.perf_counter()
     d, e, D, E = _validate(delay, energy, delay_budget, energy_budget)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = check_int(batch_size, "batch_size")
     K = d.size
     allowed = _allowed(d, e, D, E, available)
     if not allowed.any():
@@ -1123,10 +1115,10 @@ def synthetic_instance(K: int, seed: int = 0, n_prompts: int = 400, n_choices: i
     the prompt's cluster. Delays and energies come from :data:`DEVICE_CATALOGUE` (mixed like the
     paper's testbed) with log-normal jitter.
     """
-    K = _positive_int(K, "K")
-    n_prompts = _positive_int(n_prompts, "n_prompts")
-    n_choices = _positive_int(n_choices, "n_choices")
-    C = _positive_int(n_clusters if n_clusters is not None else K, "n_clusters")
+    K = check_int(K, "K")
+    n_prompts = check_int(n_prompts, "n_prompts")
+    n_choices = check_int(n_choices, "n_choices")
+    C = check_int(n_clusters if n_clusters is not None else K, "n_clusters")
     rng = np.random.default_rng(seed)
     devices = [_CATALOGUE_MIX[i % len(_CATALOGUE_MIX)] for i in range(K)]
     rng.shuffle(devices)

@@ -1,4 +1,4 @@
-"""Multiple-choice questions: MMLU in its original CSV layout and JSONL sets, prompts, seeded splits.
+"""Multiple-choice questions: MMLU in its original CSV layout and JSONL sets, prompts, the seeded MMLU sample.
 
 Every question becomes a :class:`Question`. Bad input (a row with the wrong number of columns, an
 answer outside A–D, an empty question, an empty file, a bad JSON line, bytes that are not UTF-8)
@@ -13,16 +13,14 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-import operator
 import os
 import re
 import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
+from ..core.stats import stratified_sample
 from ..errors import InputError, ResourceUnavailable
 
 LETTERS = string.ascii_uppercase
@@ -184,15 +182,12 @@ def load_mmlu(split: str, data_dir=None, subjects: Sequence[str] | None = None) 
     return out
 
 
-def iter_jsonl(path, subject: str | None = None):
-    """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
-
-    Lines end at "\\n"; blank lines are skipped; the subject defaults to the file stem. The question text
-    is kept as written (e.g. ARC's "Question: " prefix stays), so prompts match the source data. Questions
-    come as the file is read, so a caller that checks each one further also meets the first bad line first.
-    """
+def read_jsonl(path):
+    """(1-based line, object) of each non-blank line of a JSONL file, read, decoded and parsed one line at a
+    time as the caller takes them, so the first bad line is the one named: bytes that are not UTF-8, a line
+    that is not JSON or not a JSON object, and a file without one object raise an InputError naming the
+    file and the line. Lines end at "\\n"."""
     path = Path(path)
-    subject = subject or path.stem
     note_read(path)
     empty = True
     with open(path, "rb") as fh:
@@ -207,22 +202,35 @@ def iter_jsonl(path, subject: str | None = None):
                 raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
             if not isinstance(obj, dict):
                 raise InputError("each line must be a JSON object", path=path, line=n)
-            question = obj.get("query", obj.get("question"))
-            if not isinstance(question, str) or not question.strip():
-                raise InputError("missing or empty 'query'/'question'", path=path, line=n)
-            choices = obj.get("choices")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
-            given = gold = obj.get("gold", obj.get("answer"))
-            if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
-                gold = LETTERS.index(gold.strip().upper())
-            if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-                raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
-                                 f"got {given!r}", path=path, line=n)
             empty = False
-            yield Question(question, tuple(choices), gold, subject, f"{path.name}:{n}")
+            yield n, obj
     if empty:
         raise InputError("empty file: no questions", path=path)
+
+
+def iter_jsonl(path, subject: str | None = None):
+    """Questions from JSONL lines of ``{"query"|"question": str, "choices": [str], "gold"|"answer": int|letter}``.
+
+    Blank lines are skipped; the subject defaults to the file stem. The question text is kept as written
+    (e.g. ARC's "Question: " prefix stays), so prompts match the source data. Questions come as the file is
+    read, so a caller that checks each one further also meets the first bad line first.
+    """
+    path = Path(path)
+    subject = subject or path.stem
+    for n, obj in read_jsonl(path):
+        question = obj.get("query", obj.get("question"))
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("missing or empty 'query'/'question'", path=path, line=n)
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise InputError("'choices' must be a list of at least 2 strings", path=path, line=n)
+        given = gold = obj.get("gold", obj.get("answer"))
+        if isinstance(gold, str) and len(gold.strip()) == 1 and gold.strip().upper() in LETTERS:
+            gold = LETTERS.index(gold.strip().upper())
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+            raise InputError(f"'gold'/'answer' must index (or letter) one of the {len(choices)} choices, "
+                             f"got {given!r}", path=path, line=n)
+        yield Question(question, tuple(choices), gold, subject, f"{path.name}:{n}")
 
 
 def load_jsonl(path, subject: str | None = None) -> list[Question]:
@@ -247,73 +255,6 @@ def subjects_of(questions: Sequence[Question]) -> list[str]:
     return sorted({q.subject for q in questions})
 
 
-def _by_subject(questions) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, q in enumerate(questions):
-        groups.setdefault(q.subject, []).append(i)
-    return dict(sorted(groups.items()))
-
-
-def stratified_split(questions: Sequence[Question], test_fraction: float, seed: int):
-    """Seeded (train, test) index arrays, each subject split in the same proportion.
-
-    Each subject sends the floor or the ceiling of its share to the test side, chosen so that the
-    test side holds ``round(test_fraction * N)`` questions overall (largest remainders first, ties at
-    random): even a sample with one question per subject splits in proportion. A subject with two or
-    more questions keeps at least one on each side.
-    """
-    if not 0 < test_fraction < 1:
-        raise InputError(f"must be in (0, 1), got {test_fraction}", param="test_fraction")
-    rng = np.random.default_rng(seed)
-    groups = [rng.permutation(idx) for idx in _by_subject(questions).values()]
-    sizes = np.array([len(g) for g in groups])
-    quota = test_fraction * sizes
-    lo = np.floor(quota).astype(np.int64)
-    hi = np.ceil(quota).astype(np.int64)
-    two = sizes >= 2
-    lo[two] = np.clip(lo[two], 1, sizes[two] - 1)
-    hi[two] = np.clip(hi[two], 1, sizes[two] - 1)
-    k = lo.copy()
-    extra = int(round(test_fraction * sizes.sum())) - int(k.sum())
-    for i in np.lexsort((rng.random(len(groups)), -(quota - lo))):
-        if extra <= 0:
-            break
-        if hi[i] > k[i]:
-            k[i] += 1
-            extra -= 1
-    test = np.concatenate([g[:n] for g, n in zip(groups, k)]).astype(np.int64)
-    train = np.concatenate([g[n:] for g, n in zip(groups, k)]).astype(np.int64)
-    return np.sort(train), np.sort(test)
-
-
-def stratified_sample(questions: Sequence[Question], n: int, seed: int) -> np.ndarray:
-    """Seeded sample of exactly ``n`` sorted indices, allotted to subjects by largest remainder.
-
-    Each subject's quota is ``n * size / total``; it gets the floor, at least 1 when ``n`` is at least the
-    number of subjects, and the leftover goes one at a time to the largest shortfall (or is taken back
-    from the largest excess), ties to the first subject in sorted order.
-    """
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise InputError(f"must be an integer, got {n!r}", param="n") from None
-    if not 0 < n <= len(questions):
-        raise InputError(f"must be in 1..{len(questions)}, got {n}", param="n")
-    groups = _by_subject(questions)
-    sizes = np.array([len(v) for v in groups.values()], dtype=np.int64)
-    quota = sizes * n / sizes.sum()
-    take = np.floor(quota).astype(np.int64)
-    if n >= len(groups):
-        take = np.maximum(take, 1)
-    while take.sum() < n:
-        take[np.argmax(np.where(take < sizes, quota - take, -np.inf))] += 1
-    while take.sum() > n:
-        take[np.argmax(np.where(take > 1, take - quota, -np.inf))] -= 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.choice(idx, size=t, replace=False) for idx, t in zip(groups.values(), take)]
-    return np.sort(np.concatenate(picked).astype(np.int64))
-
-
 def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None) -> list[Question]:
     """The profile's MMLU questions: a seeded sample stratified by subject (``n_questions=0``: all of them).
 
@@ -323,78 +264,4 @@ def mmlu_sample(n_questions: int, seed: int, split: str = "test", data_dir=None)
     questions = load_mmlu(split, data_dir)
     if not n_questions:
         return questions
-    return [questions[i] for i in stratified_sample(questions, n_questions, seed)]
-
-
-# --- the fine-tuning corpus (everything but MMLU's test/val/dev) -------------------------------------
-
-def _aux_source(data_dir) -> list[Question]:
-    return [replace(q, subject=q.subject if q.subject.startswith("aux_") else f"aux_{q.subject}")
-            for q in load_mmlu("auxiliary_train", data_dir)]
-
-
-def _jsonl_source(relpaths: Sequence[str], subject_of):
-    def load(data_dir) -> list[Question]:
-        root = resolve_data_dir(data_dir, relpaths[0].split("/")[0])
-        out = []
-        for rel in relpaths:
-            files = sorted(root.glob(rel))
-            if not files:
-                raise ResourceUnavailable(f"{root / rel} not found; see {root / 'SOURCES.md'} for where it comes from")
-            for path in files:
-                out.extend(replace(q, subject=subject_of(path.stem), source=f"{_rel(path, root)}:{q.source.rsplit(':', 1)[1]}")
-                           for q in load_jsonl(path))
-        return out
-    return load
-
-
-FINETUNE_SOURCES = {
-    "mmlu_aux": _aux_source,
-    "arc_easy": _jsonl_source(["arc/llm-foundry_derived/arc_easy_test.jsonl"], lambda stem: "arc_easy"),
-    "arc_challenge": _jsonl_source(["arc/llm-foundry_derived/arc_challenge_test.jsonl"], lambda stem: "arc_challenge"),
-    "openbookqa": _jsonl_source(["openbookqa/llm-foundry_derived/openbookqa_test.jsonl"], lambda stem: "openbookqa"),
-    "agieval": _jsonl_source(["agieval/llm-foundry_derived/agi_eval_*.jsonl"],
-                             lambda stem: "agieval_" + stem.removeprefix("agi_eval_")),
-}
-"""Loaders of the fine-tuning sources; each Question's subject names where it came from
-(``aux_<file>`` for MMLU auxiliary_train files, ``arc_easy``, ``openbookqa``, ``agieval_<task>``)."""
-
-
-def _norm_text(text: str) -> str:
-    text = " ".join(text.lower().split())
-    return text[len("question:"):].lstrip() if text.startswith("question:") else text
-
-
-def load_finetune_corpus(sources: Sequence[str] = ("mmlu_aux", "arc_easy", "openbookqa", "agieval"),
-                         data_dir=None) -> list[Question]:
-    """The experts' fine-tuning questions: the named sources in order, without MMLU test/val/dev.
-
-    De-duplication: a question whose (question text, choices) — lower-cased, whitespace collapsed, ARC's
-    "Question:" prefix dropped — was already seen is skipped, across sources too (auxiliary_train's
-    ``science_*`` files repeat ~800 of its ``arc_easy`` rows). Items that share only the question text
-    but have other choices are different questions and stay. Leak guard: a question whose text equals that
-    of an MMLU test, val or dev question is dropped (here only generic stems such as "Which of the
-    following is true?" match), so no fine-tuning prompt repeats an evaluation question.
-    """
-    if isinstance(sources, str):
-        sources = (sources,)
-    unknown = [s for s in sources if s not in FINETUNE_SOURCES]
-    if unknown or not sources:
-        raise InputError(f"unknown fine-tuning sources {unknown}; known: {', '.join(FINETUNE_SOURCES)}",
-                         param="sources")
-    held_out = {_norm_text(q.question) for split in ("test", "val", "dev") for q in load_mmlu(split, data_dir)}
-    seen, out = set(), []
-    for name in sources:
-        for q in FINETUNE_SOURCES[name](data_dir):
-            key = (_norm_text(q.question), tuple(_norm_text(c) for c in q.choices))
-            if key in seen or key[0] in held_out:
-                continue
-            seen.add(key)
-            out.append(q)
-    return out
-
-
-def source_files(questions: Sequence[Question], data_dir=None) -> list[Path]:
-    """The sorted data files the questions were read from (their ``source`` is ``<file>:<line>``)."""
-    root = resolve_data_dir(data_dir, "mmlu")
-    return sorted({root / q.source.rsplit(":", 1)[0] for q in questions})
+    return [questions[i] for i in stratified_sample([q.subject for q in questions], n_questions, seed)]

@@ -30,9 +30,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ResourceUnavailable
+from ..errors import InputError, ResourceUnavailable, check_int
 from ..infra.artifacts import read_json, write_json, write_text
-from .loaders import LETTERS, iter_jsonl, load_mmlu, note_read, resolve_data_dir, utf8_lines
+from .loaders import LETTERS, iter_jsonl, load_mmlu, read_jsonl, resolve_data_dir
 
 
 @dataclass(frozen=True)
@@ -152,10 +152,6 @@ EDGE_MIX_DEFAULT: tuple[str, ...] = tuple(TASKS)
 """The ``edge-mix`` tasks: MMLU plus every task of the registry."""
 
 
-def task_names() -> list[str]:
-    return list(TASKS)
-
-
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -213,26 +209,6 @@ def _cloze(spec: TaskSpec, query: str, choices, gold: int, source: str, path, li
     return _item(spec.name, text, [context] * len(choices), choices, gold, source)
 
 
-def _json_rows(path: Path):
-    """(1-based line, object) per non-blank JSONL line, read, decoded and parsed a line at a time as the caller
-    takes them (so the first bad line is the one named); bad JSON, non-objects, non-UTF-8 and emptiness raise."""
-    note_read(path)
-    empty = True
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(utf8_lines(fh, path), start=1):
-            if raw.strip():
-                try:
-                    obj = json.loads(raw)
-                except (ValueError, RecursionError) as exc:
-                    raise InputError(f"invalid JSON ({str(exc)[:80]})", path=path, line=n) from None
-                if not isinstance(obj, dict):
-                    raise InputError("each line must be a JSON object", path=path, line=n)
-                empty = False
-                yield n, obj
-    if empty:
-        raise InputError("empty file: no questions", path=path)
-
-
 def _field(obj, key, kind, path, line):
     """``obj[key]`` if it is a ``kind`` (a str: not blank; a list: of at least 2 strings), else InputError."""
     value = obj.get(key)
@@ -258,7 +234,7 @@ def _read_query(spec, path, rel):
 def _read_winogrande(spec, path, rel):
     """Contexts: the sentence up to each option; continuation: the rest, shared; text: the sentence with "_"."""
     out = []
-    for n, obj in _json_rows(path):
+    for n, obj in read_jsonl(path):
         options = [o.rstrip() for o in _field(obj, "context_options", list, path, n)]
         rest = _field(obj, "continuation", str, path, n).strip()
         gold = _field(obj, "gold", int, path, n)
@@ -276,7 +252,7 @@ def _read_winogrande(spec, path, rel):
 def _read_pubmed(spec, path, rel):
     """The options (yes/no/maybe) are lines of the context; the gold is the option the continuation names."""
     out = []
-    for n, obj in _json_rows(path):
+    for n, obj in read_jsonl(path):
         body, cue, options = _parse_query(_field(obj, "context", str, path, n))
         answer = _field(obj, "continuation", str, path, n).strip()
         if options is None or answer not in options:
@@ -379,11 +355,9 @@ def _cap(cap, tasks, param) -> dict[str, int | None]:
     """Per-task cap from an int (every task), a mapping (missing tasks: no cap) or None (no cap)."""
     caps = dict(cap) if isinstance(cap, Mapping) else {t: cap for t in tasks}
     unknown = sorted(set(caps) - set(tasks))
-    bad = [v for v in caps.values() if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)]
-    if unknown or bad:
-        raise InputError(f"caps must be non-negative integers of tasks in the benchmark; "
-                         f"unknown tasks {unknown}, bad values {bad}", param=param)
-    return {t: caps.get(t) for t in tasks}
+    if unknown:
+        raise InputError(f"caps must be of tasks in the benchmark; unknown tasks {unknown}", param=param)
+    return {t: check_int(caps.get(t), param, low=0, none=True) for t in tasks}
 
 
 @dataclass
@@ -454,7 +428,7 @@ class EdgeMix:
         if not isinstance(manifest, dict) or not {"tasks", "params", "counts"} <= manifest.keys():
             raise InputError("not an edge-mix manifest (needs tasks, params, counts)", path=_manifest_path(path))
         items, split = [], []
-        for n, r in _json_rows(path):
+        for n, r in read_jsonl(path):
             try:
                 if r["split"] not in SPLITS or r["task"] not in manifest["tasks"]:
                     raise ValueError(f"split {r['split']!r} or task {r['task']!r} unknown")

@@ -15,7 +15,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Sequence
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 
 
 @contextlib.contextmanager
@@ -56,9 +56,7 @@ def _untraced(traced):
 
 
 def check_workers(workers) -> int:
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise InputError(f"must be a positive integer, not {workers!r}", param="workers")
-    return workers
+    return check_int(workers, "workers")
 
 
 def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | None = None,

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.loaders import DEFAULT_TEMPLATE, Question, format_prompt
-from ..errors import InputError
+from ..errors import InputError, check_int
 from ..infra import artifacts
 from ..infra.cache import cache_dir
 from . import registry
@@ -104,9 +104,7 @@ class PromptClusters:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise InputError(f"X must be (n, D), got shape {X.shape}", param="X")
-        if not 1 <= self.n_clusters <= len(X):
-            raise InputError(f"must be in 1..{len(X)} (the number of prompts), got {self.n_clusters}",
-                             param="n_clusters")
+        check_int(self.n_clusters, "n_clusters", high=len(X))  # at most one cluster per prompt
         km = KMeans(self.n_clusters, n_init=self.n_init, max_iter=self.max_iter, random_state=self.seed).fit(X)
         sizes = np.bincount(km.labels_, minlength=self.n_clusters)
         order = np.argsort(-sizes, kind="stable")

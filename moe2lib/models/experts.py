@@ -46,9 +46,15 @@ def gguf_metadata(path: str) -> dict[str, str]:
         llm.close()
 
 
+def adds_bos(metadata) -> bool:
+    """Whether a model's tokenizer prepends BOS, from its GGUF header fields (``tokenizer.ggml.add_bos_token``;
+    a llama-cpp-python model's ``metadata``, or :func:`gguf_metadata`)."""
+    return str(metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+
+
 def gguf_add_bos(path) -> bool:
-    """Whether the model's tokenizer prepends BOS (``tokenizer.ggml.add_bos_token``)."""
-    return gguf_metadata(str(path)).get("tokenizer.ggml.add_bos_token", "false").lower() == "true"
+    """Whether the model file's tokenizer prepends BOS (:func:`adds_bos` of its header)."""
+    return adds_bos(gguf_metadata(str(path)))
 
 
 class Expert:
@@ -224,8 +230,8 @@ class LlamaCppExpert(Expert):
         except ValueError as exc:
             where = self.adapter if self.adapter and "LoRA" in str(exc) else path
             raise InputError(f"llama.cpp could not load it ({exc})", path=where) from None
-        adds_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false").lower() == "true"
-        self._bos_id = llm.token_bos() if (adds_bos if self.add_bos is None else self.add_bos) else None
+        bos = adds_bos(llm.metadata) if self.add_bos is None else self.add_bos
+        self._bos_id = llm.token_bos() if bos else None
         self._letters = {}
         self._llm = llm
         return llm

@@ -20,6 +20,7 @@ from ..core import costmodel, devices
 from ..errors import InputError
 from ..infra import artifacts
 from . import registry
+from .experts import adds_bos
 
 PROFILE_MODES = ("measured", "paper-testbed")
 
@@ -88,14 +89,8 @@ def load_llama(model: str, adapter: str | None = None, *, n_threads: int = 2, we
         raise InputError("LoRA adapter file not found", path=adapter)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_threads=n_threads,
                           n_threads_batch=n_threads, lora_path=adapter, n_gpu_layers=n_gpu_layers, verbose=False)
-    bos = llm.token_bos() if _adds_bos(llm) else None
+    bos = llm.token_bos() if adds_bos(llm.metadata) else None
     return llm, bos, path
-
-
-def _adds_bos(llm) -> bool:
-    """The GGUF's ``tokenizer.ggml.add_bos_token`` (as :func:`moe2lib.models.experts.gguf_add_bos`, without
-    re-parsing the file: llama.cpp already read the header)."""
-    return str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
 
 
 def prompt_ids(llm, bos, texts: Sequence[str], length: int, start: int = 0) -> list[int]:
@@ -267,7 +262,7 @@ def prompt_token_counts(model: str, prompts: Sequence[str]) -> np.ndarray:
     path = registry.locate(model, "llm")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
-        bos = int(_adds_bos(llm))
+        bos = int(adds_bos(llm.metadata))
         return np.array([bos + len(llm.tokenize(p.encode("utf-8"), add_bos=False, special=False))
                          for p in prompts])
     finally:

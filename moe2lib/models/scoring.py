@@ -1,7 +1,7 @@
 """Score a multiple-choice data set with a list of experts into the scores artifact.
 
 The artifact (one ``.npz``, no pickle) holds ``probs[N, K, C]`` (each expert's distribution over
-the choice letters), ``answer[N]``, ``subject[N]``, ``qid[N]``, ``n_tokens[N, K]`` (prompt length in
+the choice letters), ``answer[N]``, ``task[N]`` (saved as ``subject``), ``qid[N]``, ``n_tokens[N, K]`` (prompt length in
 each expert's tokens) and ``experts[K]``. Work is checkpointed every few questions into a
 ``<name>.partial/`` folder, so an interrupted run resumes where it stopped; the final file is
 written atomically and the partial folder removed only then.
@@ -44,7 +44,7 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
         return expert.choice_probs(batch, c), [expert.count_tokens(p) for p in batch]
 
     return _score_resumable(experts, out_path, score, qid=[q.source for q in questions], work=prompts,
-                            answer=[q.answer for q in questions], subject=[q.subject for q in questions],
+                            answer=[q.answer for q in questions], task=[q.subject for q in questions],
                             width=c, chunk=chunk, progress=progress)
 
 
@@ -76,7 +76,7 @@ def score_items(items, experts, out_path, *, normalisation: str = "char", width:
 
     return _score_resumable(experts, out_path, score, qid=[it.qid for it in items],
                             work=[[requests[i], normalisation] for i in range(len(items))],
-                            answer=[it.gold for it in items], subject=[it.task for it in items], width=width,
+                            answer=[it.gold for it in items], task=[it.task for it in items], width=width,
                             n_choices=[it.n_choices for it in items], chunk=chunk, progress=progress)
 
 
@@ -114,7 +114,7 @@ def _per_process(fn, work, experts, out_path, workers: int, qid, scheduler=None,
     return scores
 
 
-def _score_resumable(experts, out_path, score, *, qid, work, answer, subject, width: int, n_choices=None,
+def _score_resumable(experts, out_path, score, *, qid, work, answer, task, width: int, n_choices=None,
                      chunk: int, progress: bool) -> Scores:
     """Run ``score(expert, rows) -> (probs[len(rows), width], n_tokens)`` over all rows and experts.
 
@@ -163,7 +163,7 @@ def _score_resumable(experts, out_path, score, *, qid, work, answer, subject, wi
             expert.close()
     if bar is not None:
         bar.close()
-    scores = Scores(probs=probs, answer=np.asarray(answer, dtype=np.int64), subject=np.array(subject),
+    scores = Scores(probs=probs, answer=np.asarray(answer, dtype=np.int64), task=np.array(task),
                     qid=np.array(qid), n_tokens=n_tokens, experts=np.array(labels),
                     n_choices=None if n_choices is None else np.asarray(n_choices, dtype=np.int64))
     scores.save(out_path)

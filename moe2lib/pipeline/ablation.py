@@ -34,6 +34,7 @@ from ..errors import InputError
 from ..infra import artifacts
 from ..models import clustering, experts, finetune, lora, registry, scoring
 from . import runner
+from .config import load_config, yaml_line
 from .stages import notebook_parameters
 
 # what a row may change, and which stage's parameter it is
@@ -71,7 +72,7 @@ def load_rows(path) -> list[Row]:
         raise InputError("an ablation file holds a non-empty list 'rows'", path=path, param="rows")
     rows = []
     for i, r in enumerate(doc["rows"]):
-        line = runner.yaml_line(path, "rows", i)
+        line = yaml_line(path, "rows", i)
         if not isinstance(r, dict) or not isinstance(r.get("name"), str):
             raise InputError("each row is a mapping with a 'name'", path=path, line=line, param=f"rows[{i}]")
         unknown = sorted(set(r) - {"name"} - set(KNOBS))
@@ -88,7 +89,7 @@ def load_rows(path) -> list[Row]:
 def _settings(profile: str) -> dict[str, dict]:
     """The clustering, experts, scoring and gating stages' parameters for ``profile`` (notebook defaults +
     the profile's values), as the pipeline would run them."""
-    cfg, cfg_path = runner.load_config(profile)
+    cfg, cfg_path = load_config(profile)
     root = runner.out_root(cfg.get("profile", Path(profile).stem))
     return {name: {**notebook_parameters(runner.STAGES[name]),
                    **runner.stage_params(cfg, cfg_path, runner.STAGES[name], cfg.get("profile", profile), root)}
@@ -160,7 +161,7 @@ def run_row(row: Row, settings: dict, out: Path, *, workers: int = 2, n_threads:
     B_all = _scored(val, out / "validation_base.npz", [registry.display_name(m) for m in bases], True,
                     lambda: [experts.make_expert(m, n_threads=threads) for m in bases], norm, workers)
     col = scoring.base_columns(B_all, [s.model for s in specs])
-    B_cols = Scores(B_all.probs[:, col], B_all.answer, B_all.subject, B_all.qid, B_all.n_tokens[:, col], E.experts,
+    B_cols = Scores(B_all.probs[:, col], B_all.answer, B_all.task, B_all.qid, B_all.n_tokens[:, col], E.experts,
                     B_all.n_choices)
     own, own_minus_other = own_other_gain(E, B_cols, val_cluster, [s.cluster for s in specs])
     g = settings["gating"]

@@ -22,10 +22,10 @@ def _figures(args):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
-    from . import report, runner
+    from . import config, report, runner
 
     t0 = time.perf_counter()
-    cfg, _ = runner.load_config(args.profile)
+    cfg, _ = config.load_config(args.profile)
     root = Path(args.out) if args.out else runner.out_root(cfg.get("profile", Path(args.profile).stem))
     stages = args.stages.split(",") if args.stages else None
     done = report.regenerate(root / "artifacts", root / "figures", stages)
@@ -38,9 +38,9 @@ def _evaluate(args):
     from pathlib import Path
 
     from ..analysis import evaluation
-    from . import runner
+    from . import config, runner
 
-    cfg, _ = runner.load_config(args.profile)
+    cfg, _ = config.load_config(args.profile)
     root = Path(args.out) if args.out else runner.out_root(cfg.get("profile", Path(args.profile).stem))
     bench = (cfg.get("benchmark") or {}).get("name", "mmlu")
     if args.bench != bench:
@@ -127,9 +127,7 @@ def _score(args):
     from ..data import loaders
     from ..models import experts, scoring
 
-    questions = loaders.load_mmlu(args.split, args.data_dir)
-    if args.n:
-        questions = [questions[i] for i in loaders.stratified_sample(questions, args.n, args.seed)]
+    questions = loaders.mmlu_sample(args.n, args.seed, args.split, args.data_dir)
     options = {"weights": args.weights} if args.backend == "llama_cpp" else {}
     exps = [experts.make_expert(m, backend=args.backend, n_threads=args.threads, **options) for m in args.models]
     scores = scoring.score_questions(questions, exps, args.out)

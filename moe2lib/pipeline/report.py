@@ -49,7 +49,7 @@ def _show(path: Path) -> str:
         return str(path)
 
 
-def write_tables(art: Path, out: Writer) -> None:
+def rewrite_tables(art: Path, out: Writer) -> None:
     """The tables stage's CSV and Markdown tables, rewritten in place from metrics.json's cell records."""
     from ..analysis import tables
 
@@ -101,7 +101,7 @@ def regenerate(artifacts_dir, figures_dir, stages: Sequence[str] | None = None, 
         before = len(out.written)
         try:
             if name == "tables":
-                write_tables(art, out)
+                rewrite_tables(art, out)
             out.figures_of(name, art)
         except (InputError, KeyError, ValueError) as exc:  # absent, outdated or damaged: the other stages go on
             report.skipped[name] = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"

@@ -35,13 +35,15 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("base_models", "01_base_models.ipynb", (),
-          "score the packaged base models on an MMLU sample; per-subject accuracy and letter bias"),
+          "score the packaged base models on the benchmark's gating-training and test questions; per-task accuracy, "
+          "MMLU letter bias"),
     Stage("clustering", "02_clustering.ipynb", (),
-          "embed the fine-tuning and MMLU prompts, k-means into 8 clusters; UMAP and subject heatmap (Fig. 6)"),
+          "embed the benchmark's expert-training prompts, k-means into 8 clusters, assign every other question; UMAP "
+          "and task heatmap (Fig. 6)"),
     Stage("experts", "03_experts.ipynb", ("clustering",),
           "LoRA-fine-tune one expert per cluster (Table V), export GGUF adapters, write experts.json (Table I)"),
     Stage("scoring", "04_scoring.ipynb", ("base_models", "clustering", "experts"),
-          "score every expert on the MMLU sample; per-cluster accuracy against its base model"),
+          "score every expert on the gating-training and test questions; per-cluster accuracy against its base model"),
     Stage("profiles", "05_profiles.ipynb", ("experts",),
           "delay and energy vs prompt length (Fig. 5), the delay model (4)-(6), profiles.json"),
     Stage("gating", "06_gating.ipynb", ("base_models", "scoring"),

@@ -53,7 +53,7 @@ import httpx
 import numpy as np
 
 from ..core import fusion, gating
-from ..errors import InputError, ResourceUnavailable
+from ..errors import InputError, ResourceUnavailable, check_int
 from . import chat
 
 
@@ -285,16 +285,19 @@ def load_costs(path, names: Sequence[str] | None = None, *, mode: str = "measure
                app_class: str = "all") -> dict[str, ExpertCost]:
     """Per-token delay/energy estimates of each expert from the profiles stage's ``profiles.json``.
 
-    That file (moe2lib.models.profiling) gives, per mode and expert, ``classes[app_class].delay_s`` and ``energy_j``
-    at a few answer lengths N; the per-token cost is the slope between the shortest and longest N and the
-    prompt part the intercept (eq. (6): T = τ + prefill + N·t). A flat ``{name: {"delay_s_per_token": ..,
+    That file (read and checked by :func:`moe2lib.models.profiling.load_profiles`: every one of ``names`` in
+    every mode) gives, per mode and expert, ``classes[app_class].delay_s`` and ``energy_j`` at a few answer
+    lengths N; the per-token cost is the slope between the shortest and longest N and the prompt part the
+    intercept (eq. (6): T = τ + prefill + N·t). A flat ``{name: {"delay_s_per_token": ..,
     "energy_j_per_token": .., "prompt_delay_s": .., "prompt_energy_j": ..}}`` file is read as well.
     """
     from ..infra.artifacts import read_json
+    from ..models.profiling import load_profiles
 
     data = read_json(path)
     costs = {}
-    if isinstance(data, dict) and isinstance(data.get("modes"), dict):
+    if isinstance(data, dict) and "modes" in data:
+        data = load_profiles(path, list(names or ()))
         if mode not in data["modes"]:
             raise InputError(f"unknown profile mode {mode!r}; known: {', '.join(data['modes'])}", path=path,
                              param="mode")
@@ -390,10 +393,8 @@ class Coordinator:
                  costs: Mapping[str, ExpertCost] | str | Path | None = None,
                  deadline_s: float | None = None, energy_j: float | None = None):
         self.experts = list(experts)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"must be None or an integer >= 1, got {top_k!r}", param="top_k")
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-            raise InputError(f"must be an integer >= 1, got {top_n!r}", param="top_n")
+        top_k = check_int(top_k, "top_k", none=True)
+        top_n = check_int(top_n, "top_n")
         if remainder not in fusion.REMAINDERS:
             raise InputError(f"must be one of {fusion.REMAINDERS}, got {remainder!r}", param="remainder")
         timeout = _positive(timeout, "timeout")
@@ -465,8 +466,7 @@ class Coordinator:
         """Yield steps as they are made; the finished :class:`Generation` is put in ``result["generation"]``.
 
         ``prompt``: a text, or chat messages rendered for each expert in its chat template."""
-        if max_tokens < 1:
-            raise InputError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+        max_tokens = check_int(max_tokens, "max_tokens")
         run = _Run(self, prompt, max_tokens, temperature, seed, stop)
         async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=len(run.names))) as client:
             while run.finish is None:

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request  # FastAPI resolves the endpoints' annotations in this module
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..errors import InputError
+from ..errors import InputError, check_int
 from .chat import check_messages
 from .coordinator import AllExpertsFailed, Coordinator, Generation, Prompt, Step
 
@@ -41,9 +41,7 @@ class Limits:
 
     def __post_init__(self):
         for name in ("max_prompt_chars", "max_tokens", "max_concurrency", "max_body_bytes", "max_stop"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"must be an integer >= 1, got {v!r}", param=name)
+            check_int(getattr(self, name), name)
 
 
 class BodyTooLarge(InputError):
