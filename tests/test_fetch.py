@@ -174,7 +174,7 @@ def test_manifest_covers_every_task_at_its_upstream_address():
             (entry,) = files.values()
             assert entry["url"] == fetch.upstream_url(name) == base + spec.upstream.split("local_data/")[1]
             assert re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) and entry["size"] > 0
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "data.md").read_text()
     assert fetch.FOUNDRY_COMMIT in readme and fetch.MMLU_URL in readme
     assert "data fetch" in readme and "<host>/<path>" in readme
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -318,14 +318,14 @@ def test_no_server_names_the_address_and_the_manual_recipe(tmp_path, no_env, cap
     with pytest.raises(ResourceUnavailable) as err:
         fetch.fetch(["boolq"], tmp_path / "d", mirror=mirror, log=lambda s: None, progress=False)
     url = fetch.mirror_url(fetch.upstream_url("boolq"), mirror)
-    assert url in str(err.value) and "README.md" in str(err.value)
+    assert url in str(err.value) and "docs/data.md" in str(err.value)
     assert f"curl -fL {fetch.upstream_url('boolq')} -o <dir>/{BOOLQ}" in str(err.value)
     with pytest.raises(ResourceUnavailable) as err:
         fetch.fetch(["mmlu"], tmp_path / "d", mirror=mirror, log=lambda s: None, progress=False)
     assert f"{mirror}{TAR_PATH}" in str(err.value) and loaders.HOW_TO_GET_MMLU in str(err.value)
     assert cli.main(["data", "fetch", "--profile", "smoke", "--to", str(tmp_path / "d"), "--mirror", mirror]) == 2
     message = capsys.readouterr().err
-    assert f"{mirror}/" in message and "README.md" in message
+    assert f"{mirror}/" in message and "docs/data.md" in message
     assert not (tmp_path / "d" / BOOLQ).exists()
 
 

@@ -40,7 +40,7 @@ MMLU_URL = "https://people.eecs.berkeley.edu/~hendrycks/data.tar"
 MMLU_SPLITS = ("test", "val", "dev", "auxiliary_train")
 MIRROR_ENV = "MOE2_DATA_MIRROR"
 WORK_DIR = ".moe2-fetch"  # under the data folder: MMLU's archive while it is fetched and unpacked
-RECIPE = ("the Data section of README.md has the commands (curl, tar) that build the folder by hand; "
+RECIPE = ("docs/data.md has the commands (curl, tar) that build the folder by hand; "
           "or pass --mirror URL (a mirror laid out as URL/<host>/<path>)")
 _CHUNK = 1 << 16
 
