@@ -9,7 +9,7 @@ from moe2lib.core.stats import stratified_sample
 from moe2lib.data import loaders
 from moe2lib.errors import InputError, ResourceUnavailable
 
-from conftest import examples
+from conftest import examples, needs_data
 
 
 def test_mmlu_splits_have_their_published_sizes():
@@ -150,6 +150,7 @@ def test_jsonl_invalid_fields(tmp_path, obj, message):
     assert "set.jsonl:3" in str(err.value)
 
 
+@needs_data
 def test_real_jsonl_sets_load():
     root = loaders.resolve_data_dir(need="arc")
     arc = loaders.load_jsonl(root / "arc" / "llm-foundry_derived" / "arc_easy_test.jsonl")
