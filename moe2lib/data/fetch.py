@@ -342,7 +342,16 @@ def fetch(tasks: Iterable[str], to="data", *, mirror: str | None = None, manifes
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
     root = Path(to).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    kw = dict(retries=retries, timeout=timeout, progress=progress)
+    try:
+        return _fetch_into(root, tasks, manifest, mirror, log, dict(retries=retries, timeout=timeout,
+                                                                    progress=progress))
+    finally:  # a folder left empty by a failed transfer would pass for a data folder of that task
+        for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+            if Path(folder) != root and not any(Path(folder).iterdir()):
+                Path(folder).rmdir()
+
+
+def _fetch_into(root: Path, tasks: list, manifest: Mapping, mirror, log, kw: dict) -> dict[str, str]:
     status: dict[str, str] = {}
     refused: list[Refused] = []
     for rel, entry in files_for([t for t in tasks if TASKS.get(t) is None or TASKS[t].fmt != "mmlu"],
