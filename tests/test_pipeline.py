@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from moe2lib.data.loaders import resolve_data_dir
 from moe2lib.errors import InputError
 from moe2lib.infra import artifacts
 from moe2lib.pipeline import config, runner
@@ -233,7 +234,8 @@ def test_stage_key_follows_the_modules_and_data_the_stage_used(tmp_path):
     questions.write_text('{"query": "1 + 1 =", "choices": ["2", "3"], "gold": 0}\n')
     (repo / "probe.yaml").write_text(f"seed: 0\nprobe:\n  data_file: {questions}\n")
     (repo / "driver.py").write_text(PROBE_DRIVER)
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    # the copy has no ../shared beside it: point it at the data this checkout uses, so reproduce does not fetch
+    env = {**os.environ, "PYTHONPATH": str(repo), "MOE2_DATA_DIR": str(resolve_data_dir(None, "mmlu/test"))}
     done = subprocess.run([sys.executable, "driver.py"], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ["ran", "skipped", "ran", "ran", "skipped"]
