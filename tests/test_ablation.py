@@ -30,7 +30,7 @@ def test_rows_are_checked(tmp_path):
     with pytest.raises(InputError, match="non-empty"):
         ablation.load_rows(bad)
     assert [r.slug for r in ablation.load_rows(CONFIGS / "ablation.yaml")][:2] == [
-        "as-configured", "task-clusters"]
+        "embedding-clusters", "task-clusters"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from moe2lib.core.scores import Scores, align, cluster_accuracy, concat_experts, lookup_clusters, own_cluster_accuracy
+from moe2lib.core.scores import (
+    Scores,
+    align,
+    cluster_accuracy,
+    concat_experts,
+    lookup_clusters,
+    own_cluster_accuracy,
+    own_minus_other_gain,
+)
 from moe2lib.errors import InputError
 from moe2lib.models import scoring
 
@@ -64,3 +72,15 @@ def test_concat_experts_and_base_columns():
         scoring.base_columns(a, ["gemma3-270m"])
     with pytest.raises(InputError, match="same questions"):
         concat_experts(a, align(a, a.qid[::-1]))
+
+
+def test_own_minus_other_gain_against_the_experts_base_columns():
+    # e0 (cluster 0) right on 0,1,2; e1 (cluster 2) right on 4,5. Base b right on questions 2 and 4 only.
+    s = _scores([[0, 1], [0, 1], [0, 1], [1, 1], [1, 0], [1, 0]], ANSWER, ["e0", "e1"])
+    b = _scores([[1], [1], [0], [1], [0], [1]], ANSWER, ["smollm2-135m-instruct"])
+    base = scoring.base_as_experts(b, s, ["smollm2-135m-instruct", "smollm2-135m-instruct"])
+    assert base.experts.tolist() == ["e0", "e1"] and np.allclose(base.accuracy(), [1 / 3, 1 / 3])
+    # e0: own 1 - 0, other 0.25 - 0.5 -> +1.25; e1: own 1 - 0.5, other 0 - 0.25 -> +0.75
+    assert np.allclose(own_minus_other_gain(s, base, CLUSTERS, [0, 2]), [1.25, 0.75])
+    assert np.isnan(own_minus_other_gain(s, base, CLUSTERS, [None, 1])[0])
+

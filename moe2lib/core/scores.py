@@ -237,6 +237,15 @@ def own_cluster_accuracy(scores: Scores, clusters, expert_cluster) -> tuple[np.n
     return own, other
 
 
+def own_minus_other_gain(scores: Scores, base: Scores, clusters, expert_cluster) -> np.ndarray:
+    """Each expert's specialisation: its gain over its base model on its own cluster's questions minus the
+    same gain on the other clusters' questions, ``(own_e - own_b) - (other_e - other_b)`` (NaN where a side
+    is empty). ``base`` holds expert j's base model in column j, as in :func:`own_cluster_gain`."""
+    own_e, other_e = own_cluster_accuracy(scores, clusters, expert_cluster)
+    own_b, other_b = own_cluster_accuracy(base, clusters, expert_cluster)
+    return (own_e - own_b) - (other_e - other_b)
+
+
 def own_cluster_gain(scores: Scores, base: Scores, clusters, expert_cluster, *, n_bootstrap: int = 1000,
                      seed: int = 0, level: float = 0.95) -> dict:
     """Each expert's accuracy gain over its own base model on the questions of its own cluster, with CIs.

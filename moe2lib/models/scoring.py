@@ -184,3 +184,11 @@ def base_columns(base: Scores, base_models) -> np.ndarray:
                              param="base_model")
         out.append(names.index(label))
     return np.array(out, dtype=np.int64)
+
+
+def base_as_experts(base: Scores, experts_scores: Scores, base_models) -> Scores:
+    """``base`` with one column per expert: expert j's un-tuned base model (``base_models[j]``), named after
+    the expert, on the same rows. What an expert's gain over its base is measured against."""
+    col = base_columns(base, base_models)
+    return Scores(base.probs[:, col], base.answer, base.task, base.qid, base.n_tokens[:, col],
+                  experts_scores.experts, base.n_choices)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis import evaluation
-from ..core.scores import Scores, own_cluster_accuracy
+from ..core.scores import Scores, own_cluster_accuracy, own_minus_other_gain
 from ..data import tasks
 from ..errors import InputError
 from ..infra import artifacts
@@ -98,10 +98,10 @@ def _settings(profile: str) -> dict[str, dict]:
 
 def own_other_gain(scores: Scores, base: Scores, clusters, expert_cluster) -> tuple[float, float]:
     """(mean own-cluster gain, mean own-minus-other gain) of the experts over their base models' columns."""
-    own_e, other_e = own_cluster_accuracy(scores, clusters, expert_cluster)
-    own_b, other_b = own_cluster_accuracy(base, clusters, expert_cluster)
-    own = own_e - own_b
-    return float(np.nanmean(own)), float(np.nanmean(own - (other_e - other_b)))
+    own_e, _ = own_cluster_accuracy(scores, clusters, expert_cluster)
+    own_b, _ = own_cluster_accuracy(base, clusters, expert_cluster)
+    return (float(np.nanmean(own_e - own_b)),
+            float(np.nanmean(own_minus_other_gain(scores, base, clusters, expert_cluster))))
 
 
 def cross_fitted_gain(X, E: Scores, B: Scores, make_network, *, folds: int = 5, seed: int = 0,
@@ -160,9 +160,7 @@ def run_row(row: Row, settings: dict, out: Path, *, workers: int = 2, n_threads:
     bases = sorted({s.model for s in specs})
     B_all = _scored(val, out / "validation_base.npz", [registry.display_name(m) for m in bases], True,
                     lambda: [experts.make_expert(m, n_threads=threads) for m in bases], norm, workers)
-    col = scoring.base_columns(B_all, [s.model for s in specs])
-    B_cols = Scores(B_all.probs[:, col], B_all.answer, B_all.task, B_all.qid, B_all.n_tokens[:, col], E.experts,
-                    B_all.n_choices)
+    B_cols = scoring.base_as_experts(B_all, E, [s.model for s in specs])
     own, own_minus_other = own_other_gain(E, B_cols, val_cluster, [s.cluster for s in specs])
     g = settings["gating"]
     diff = cross_fitted_gain(X_val, E, B_all, evaluation.network_factory(g, g["seed"]), seed=g["seed"],
