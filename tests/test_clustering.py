@@ -49,15 +49,15 @@ def test_kmeans_bad_input():
         pc.predict(np.zeros((2, 4)))
 
 
-def test_subject_cluster_matrix_and_labels():
-    subjects = ["bio", "bio", "bio", "law", "law", "math"]
+def test_task_cluster_matrix_and_labels():
+    tasks = ["bio", "bio", "bio", "law", "law", "math"]
     clusters = [0, 0, 1, 2, 2, 1]
-    names, share = clustering.subject_cluster_matrix(subjects, clusters, 3)
+    names, share = clustering.task_cluster_matrix(tasks, clusters, 3)
     assert names.tolist() == ["bio", "law", "math"]
     assert np.allclose(share, [[2 / 3, 1 / 3, 0], [0, 0, 1], [0, 1, 0]])
-    assert clustering.top_subjects(subjects, clusters, 3, n=1) == [[("bio", 1.0)], [("bio", 0.5)], [("law", 1.0)]]
+    assert clustering.top_tasks(tasks, clusters, 3, n=1) == [[("bio", 1.0)], [("bio", 0.5)], [("law", 1.0)]]
     with pytest.raises(InputError, match="0..2"):
-        clustering.subject_cluster_matrix(subjects, [0, 0, 1, 3, 2, 1], 3)
+        clustering.task_cluster_matrix(tasks, [0, 0, 1, 3, 2, 1], 3)
     texts = ["cell membrane protein", "cell protein enzyme", "court contract law", "contract court appeal"]
     terms = clustering.cluster_terms(texts, [0, 0, 1, 1], 2, n=2, min_count=1)
     assert set(terms[0]) <= {"cell", "protein", "membrane", "enzyme"} and "cell" in terms[0]
@@ -77,7 +77,7 @@ def test_umap_is_seeded_and_figures_draw():
     assert (np.linalg.norm(a[:, None] - means[None], axis=2).argmin(1) == y).all()
     fig = clustering.umap_figure(a, y, 3, labels=["x", "y", "z"])
     assert len(fig.axes[0].collections) == 3
-    fig = clustering.subject_heatmap(np.array(["s1", "s2", "s3"])[y], y, 3)
+    fig = clustering.task_heatmap(np.array(["s1", "s2", "s3"])[y], y, 3)
     assert fig.axes[0].get_images()[0].get_array().shape == (3, 3)
 
 

@@ -76,8 +76,8 @@ def clustering_subjects(art):
     from ..models import clustering
 
     cz, labels = _cluster_labels(Path(art) / "clustering")
-    return clustering.subject_heatmap(cz["eval_task"], cz["eval_cluster"], len(cz["centroids"]), labels,
-                                      "Tasks x prompt clusters")
+    return clustering.task_heatmap(cz["eval_task"], cz["eval_cluster"], len(cz["centroids"]), labels,
+                                   "Tasks x prompt clusters")
 
 
 # --------------------------------------------------------------------------- experts

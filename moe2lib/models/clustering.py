@@ -260,28 +260,28 @@ def umap_2d(X, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1) -> n
         return reducer.fit_transform(X).astype(np.float32)
 
 
-def subject_cluster_matrix(subjects: Sequence[str], clusters, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted subjects[S], share[S, k]): the share of each subject's prompts that fall in each cluster."""
-    subjects = np.asarray(subjects)
+def task_cluster_matrix(tasks: Sequence[str], clusters, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted tasks[S], share[S, k]): the share of each task's prompts that fall in each cluster."""
+    tasks = np.asarray(tasks)
     clusters = np.asarray(clusters, dtype=np.int64)
-    if subjects.shape != clusters.shape:
-        raise InputError(f"subjects {subjects.shape} and clusters {clusters.shape} differ in shape",
+    if tasks.shape != clusters.shape:
+        raise InputError(f"tasks {tasks.shape} and clusters {clusters.shape} differ in shape",
                          param="clusters")
     if len(clusters) and (clusters.min() < 0 or clusters.max() >= k):
         raise InputError(f"cluster ids must be in 0..{k - 1}", param="clusters")
-    names, inverse = np.unique(subjects, return_inverse=True)
+    names, inverse = np.unique(tasks, return_inverse=True)
     counts = np.zeros((len(names), k))
     np.add.at(counts, (inverse, clusters), 1)
     return names, counts / counts.sum(1, keepdims=True)
 
 
-def top_subjects(subjects: Sequence[str], clusters, k: int, n: int = 3) -> list[list[tuple[str, float]]]:
-    """Per cluster, the ``n`` subjects with most prompts in it and their share of the cluster."""
-    subjects = np.asarray(subjects)
+def top_tasks(tasks: Sequence[str], clusters, k: int, n: int = 3) -> list[list[tuple[str, float]]]:
+    """Per cluster, the ``n`` tasks with most prompts in it and their share of the cluster."""
+    tasks = np.asarray(tasks)
     clusters = np.asarray(clusters)
     out = []
     for c in range(k):
-        names, counts = np.unique(subjects[clusters == c], return_counts=True)
+        names, counts = np.unique(tasks[clusters == c], return_counts=True)
         order = np.argsort(-counts, kind="stable")[:n]
         out.append([(str(names[i]), float(counts[i] / counts.sum())) for i in order])
     return out
@@ -318,7 +318,7 @@ def cluster_terms(texts: Sequence[str], clusters, k: int, n: int = 4, min_count:
 
 
 def umap_figure(xy, clusters, k: int, labels: Sequence[str] | None = None,
-                title: str = "MMLU prompts by cluster (UMAP)"):
+                title: str = "Prompts by cluster (UMAP)"):
     """The paper's Fig. 6: a 2-D UMAP scatter of prompts coloured by their cluster."""
     import matplotlib.pyplot as plt
 
@@ -337,12 +337,12 @@ def umap_figure(xy, clusters, k: int, labels: Sequence[str] | None = None,
     return fig
 
 
-def subject_heatmap(subjects: Sequence[str], clusters, k: int, labels: Sequence[str] | None = None,
-                    title: str = "MMLU subjects x prompt clusters"):
-    """Heatmap of each subject's share per cluster, subjects grouped by their dominant cluster."""
+def task_heatmap(tasks: Sequence[str], clusters, k: int, labels: Sequence[str] | None = None,
+                 title: str = "tasks x prompt clusters"):
+    """Heatmap of each task's share per cluster, tasks grouped by their dominant cluster."""
     import matplotlib.pyplot as plt
 
-    names, share = subject_cluster_matrix(subjects, clusters, k)
+    names, share = task_cluster_matrix(tasks, clusters, k)
     dominant = share.argmax(1)
     order = np.lexsort((-share[np.arange(len(names)), dominant], dominant))
     fig, ax = plt.subplots(figsize=(0.75 * k + 5, 0.17 * len(names) + 2))
@@ -352,20 +352,20 @@ def subject_heatmap(subjects: Sequence[str], clusters, k: int, labels: Sequence[
     ax.set_xticks(range(k), xt, fontsize=6, rotation=90 if labels is not None else 0)
     for y, i in enumerate(order):
         ax.add_patch(plt.Rectangle((dominant[i] - 0.5, y - 0.5), 1, 1, fill=False, ec="tab:blue", lw=0.6))
-    fig.colorbar(im, ax=ax, fraction=0.04).set_label("share of the subject's prompts")
+    fig.colorbar(im, ax=ax, fraction=0.04).set_label("share of the task's prompts")
     ax.set_xlabel("cluster")
     ax.set_title(title)
     return fig
 
 
-def cluster_label(terms: Sequence[str], subjects: Sequence[tuple[str, float]], n_subjects: int = 1) -> str:
-    """A short column label: the top subject(s) and top TF-IDF terms of a cluster."""
-    subj = ", ".join(s.replace("_", " ") for s, _ in subjects[:n_subjects])
-    return f"{subj} | {' '.join(terms)}" if terms else subj
+def cluster_label(terms: Sequence[str], tasks: Sequence[tuple[str, float]], n_tasks: int = 1) -> str:
+    """A short column label: the top task(s) and top TF-IDF terms of a cluster."""
+    top = ", ".join(t.replace("_", " ") for t, _ in tasks[:n_tasks])
+    return f"{top} | {' '.join(terms)}" if terms else top
 
 
 def specialisation_heatmap(delta, counts, experts: Sequence[str], expert_clusters: Sequence[int | None],
-                           title: str = "Expert accuracy minus its base model's, per MMLU cluster"):
+                           title: str = "Expert accuracy minus its base model's, per prompt cluster"):
     """Heatmap of accuracy deltas [K, k] (percentage points), each expert's own cluster boxed."""
     import matplotlib.pyplot as plt
 
@@ -383,7 +383,7 @@ def specialisation_heatmap(delta, counts, experts: Sequence[str], expert_cluster
                 ax.text(c, j, f"{delta[j, c]:+.0f}", ha="center", va="center", fontsize=6)
     ax.set_yticks(range(len(experts)), [str(e) for e in experts], fontsize=7)
     ax.set_xticks(range(k), [f"{c}\n(n={n})" for c, n in enumerate(counts)], fontsize=7)
-    ax.set_xlabel("MMLU prompt cluster (boxed: the expert's own)")
+    ax.set_xlabel("prompt cluster (boxed: the expert's own)")
     fig.colorbar(im, ax=ax, fraction=0.04).set_label("accuracy difference (points)")
     ax.set_title(title, fontsize=9)
     return fig
