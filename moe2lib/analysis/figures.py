@@ -283,13 +283,17 @@ def filename(draw: Callable, *args) -> str:
     return "_".join([draw.__name__, *map(str, args)]) + ".png"
 
 
-def save(draw: Callable, artifacts_dir, figures_dir, *args):
-    """Draw one figure from the artifacts under ``artifacts_dir`` and save it atomically into ``figures_dir``
-    (PNG, 130 dpi, tight bounding box); returns the figure, still open."""
-    fig = draw(Path(artifacts_dir), *args)
-    target = Path(figures_dir) / filename(draw, *args)
-    with artifacts.atomic_path(target) as tmp:
+def write_png(fig, target) -> None:
+    """Save ``fig`` atomically as ``target`` (PNG, 130 dpi, tight bounding box), as every figure is saved."""
+    with artifacts.atomic_path(Path(target)) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+
+
+def save(draw: Callable, artifacts_dir, figures_dir, *args):
+    """Draw one figure from the artifacts under ``artifacts_dir`` and save it into ``figures_dir``
+    (:func:`write_png`); returns the figure, still open."""
+    fig = draw(Path(artifacts_dir), *args)
+    write_png(fig, Path(figures_dir) / filename(draw, *args))
     return fig
 
 
@@ -314,3 +318,28 @@ def of_stage(stage: str, artifacts_dir) -> list[tuple[Callable, tuple]]:
     if stage not in found:
         raise InputError(f"unknown stage {stage!r}", param="stage")
     return [(draw, ()) for draw in found[stage]]
+
+
+def ablation_rows(rows: list[dict]):
+    """Own-cluster gain, own-minus-other gain and MoE2 − S.A. per ablation row, in points (validation)."""
+    import matplotlib.pyplot as plt
+
+    names = [r["row"] for r in rows]
+    keys = (("own_gain", "own-cluster gain"), ("own_minus_other", "own − other"), ("moe2_minus_sa", "MoE2 − S.A."))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    y = np.arange(len(names))
+    for i, (k, label) in enumerate(keys):
+        ax.barh(y + (i - 1) * 0.27, [100 * r[k] for r in rows], height=0.27, label=label)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("points (validation questions)")
+    ax.legend(fontsize=7)
+    ax.set_title("How the experts are made: one change at a time", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def ablation(artifacts_dir):
+    """The ablation's figure (:func:`ablation_rows`) from ``ablation/ablation.json`` (``python -m moe2lib ablate``)."""
+    return ablation_rows(_read_json(Path(artifacts_dir) / "ablation" / "ablation.json")["rows"])

@@ -213,23 +213,3 @@ def write_results(out: Path, profile: str, results: list[dict]) -> None:
         lines.append(",".join([f'"{r["row"]}"'] + [f"{100 * r[c]:.1f}" for c in COLUMNS[1:5]]
                               + [f"{r['train_s_per_expert']:.0f}", str(r["n_validation"])]))
     artifacts.write_text(out / "table.csv", "\n".join(lines) + "\n")
-
-
-def figure(results: list[dict]):
-    """Own-cluster gain, own-minus-other gain and MoE2 − S.A. per row, in points (validation)."""
-    import matplotlib.pyplot as plt
-
-    names = [r["row"] for r in results]
-    keys = (("own_gain", "own-cluster gain"), ("own_minus_other", "own − other"), ("moe2_minus_sa", "MoE2 − S.A."))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
-    y = np.arange(len(names))
-    for i, (k, label) in enumerate(keys):
-        ax.barh(y + (i - 1) * 0.27, [100 * r[k] for r in results], height=0.27, label=label)
-    ax.axvline(0, color="k", lw=0.6)
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("points (validation questions)")
-    ax.legend(fontsize=7)
-    ax.set_title("How the experts are made: one change at a time", fontsize=9)
-    fig.tight_layout()
-    return fig

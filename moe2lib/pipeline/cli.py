@@ -57,6 +57,7 @@ def _ablate(args):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
+    from ..analysis import figures
     from . import ablation, runner
 
     cfg, _ = runner.load_config(args.profile)
@@ -64,10 +65,8 @@ def _ablate(args):
     root = runner.out_root(profile)
     out = Path(args.out) if args.out else root / "artifacts" / "ablation"
     results = ablation.run(args.profile, args.rows, out, only=args.row, workers=args.workers, n_threads=args.threads)
-    fig = ablation.figure(results)
     target = Path(args.out) / "ablation.png" if args.out else root / "figures" / "ablation.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=120)
+    figures.write_png(figures.ablation_rows(results), target)
     print(f"table: {out / 'table.csv'}; figure: {target}")
 
 
@@ -253,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     f.add_argument("--out", help="folder holding the run's artifacts/ and figures/, as given to `reproduce --out` "
                                  "(default: the repository for the default profile, runs/<profile>/ otherwise)")
-    f.add_argument("--stages", help="comma-separated subset of stages (see `stages`; default: all)")
+    f.add_argument("--stages", help="comma-separated subset of stages (see `stages`), or `ablation` for the "
+                                    "ablation's figure (default: all, the ablation's when it has run)")
     f.set_defaults(func=_figures)
 
     ev = sub.add_parser("evaluate", help="re-split a finished run's questions with a new seed, retrain the gating, "

@@ -33,13 +33,17 @@ class Writer:
         self.log(f"wrote {_show(path)}")
         return path
 
-    def figures_of(self, stage: str, art: Path) -> None:
-        """Every figure of ``stage``, drawn and saved by the functions its notebook calls, then closed."""
+    def figure(self, draw: Callable, art: Path, *args) -> None:
+        """One figure, drawn from ``art`` and saved by :func:`figures.save`, then closed."""
         import matplotlib.pyplot as plt
 
+        plt.close(figures.save(draw, art, self.figures, *args))
+        self.wrote(self.figures / figures.filename(draw, *args))
+
+    def figures_of(self, stage: str, art: Path) -> None:
+        """Every figure of ``stage``, drawn and saved by the functions its notebook calls."""
         for draw, args in figures.of_stage(stage, art):
-            plt.close(figures.save(draw, art, self.figures, *args))
-            self.wrote(self.figures / figures.filename(draw, *args))
+            self.figure(draw, art, *args)
 
 
 def _show(path: Path) -> str:
@@ -83,17 +87,27 @@ def regenerate(artifacts_dir, figures_dir, stages: Sequence[str] | None = None, 
     CSV and Markdown files in place, from the artifacts under ``artifacts_dir`` alone.
 
     A stage without ``meta.json`` (not run, or not finished), or lacking or failing to read a file it is drawn
-    from, is skipped with one line in ``log``.
+    from, is skipped with one line in ``log``. ``ablation`` (not a stage) redraws the ablation's figure from
+    ``ablation/ablation.json``; it is part of the default when that file exists.
     """
     t0 = time.perf_counter()
     art = Path(artifacts_dir)
     chosen = list(STAGES) if stages is None else list(stages)
-    unknown = [s for s in chosen if s not in STAGES]
+    unknown = [s for s in chosen if s not in STAGES and s != "ablation"]
     if unknown:
-        raise InputError(f"unknown stages {unknown}; stages: {', '.join(STAGES)}", param="stages")
+        raise InputError(f"unknown stages {unknown}; stages: {', '.join(STAGES)}, ablation", param="stages")
+    if stages is None and (art / "ablation" / "ablation.json").exists():
+        chosen.append("ablation")
     out = Writer(figures_dir, log)
     report = Report(written=out.written)
     for name in chosen:
+        if name == "ablation":  # not a stage: `ablate` writes ablation.json, no meta.json
+            try:
+                out.figure(figures.ablation, art)
+            except (InputError, KeyError, ValueError) as exc:
+                report.skipped[name] = str(exc)
+                log(f"[{name}] skipped: {exc}")
+            continue
         if artifacts.read_meta(art / name) is None:
             report.skipped[name] = f"no {art / name / artifacts.META_NAME} (the stage has not run to its end)"
             log(f"[{name}] skipped: {report.skipped[name]}")
