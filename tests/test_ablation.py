@@ -50,3 +50,6 @@ def test_smoke_ablation_measures_each_row_on_validation_and_resumes(tmp_path):
     assert json.loads((out / "ablation.json").read_text())["rows"][1]["changes"] == {"rank": 4, "alpha": 8}
     again = ablation.run("smoke", rows, out, only=["rank 4"], log=lambda *a: None)
     assert again[0]["reused"] and again[0]["own_gain"] == first[1]["own_gain"]  # adapters and scores reused
+    kept = json.loads((out / "ablation.json").read_text())["rows"]   # the row not rerun stays, in file order
+    assert [r["row"] for r in kept] == ["as configured", "rank 4"] and kept[0] == first[0]
+    assert all(r["git_commit"] for r in kept) and len((out / "table.csv").read_text().splitlines()) == 3

@@ -40,7 +40,7 @@ from .stages import notebook_parameters
 # what a row may change, and which stage's parameter it is
 KNOBS = {"cluster_by": "clustering", "n_clusters": "clustering", "max_examples_per_expert": "experts",
          "epochs": "experts", "rank": "experts", "alpha": "experts", "lr": "experts", "target_modules": "experts",
-         "target": "experts", "lora_layers": "experts"}
+         "target": "experts", "lora_layers": "experts", "batch_size": "experts", "grad_accum": "experts"}
 LORA_KEYS = ("target", "rank", "alpha", "dropout", "target_modules", "cutoff_len", "epochs", "batch_size",
              "grad_accum", "lr", "weight_decay", "max_grad_norm", "warmup_ratio")
 COLUMNS = ("row", "own_gain", "own_minus_other", "moe2_minus_sa", "router_minus_sa", "train_s_per_expert",
@@ -181,10 +181,25 @@ def _scored(items, path: Path, names, reuse: bool, build, normalisation: str, wo
     return scoring.score_items(items, build(), path, normalisation=normalisation, workers=workers)
 
 
+def earlier_rows(out: Path, profile: str, rows: list[Row]) -> dict[str, dict]:
+    """The results already in ``<out>/ablation.json`` for this profile whose row is still in ``rows`` with
+    the same changes, by name: a later run of other rows keeps them in the table."""
+    path = Path(out) / "ablation.json"
+    if not path.exists():
+        return {}
+    old = artifacts.read_json(path)
+    if old.get("profile") != profile:
+        return {}
+    changes = {r.name: r.changes for r in rows}
+    return {r["row"]: r for r in old.get("rows", []) if changes.get(r["row"], None) == r.get("changes")}
+
+
 def run(profile: str, rows_path, out, *, only=None, workers: int = 2, n_threads: int = 2, log=print) -> list[dict]:
     """Every row (or those named in ``only``) in order; ``<out>/ablation.json`` and ``table.csv`` are
-    rewritten after each row, so a stopped ablation keeps what it measured."""
-    rows = load_rows(rows_path)
+    rewritten after each row, so a stopped ablation keeps what it measured. They also keep the rows measured
+    by earlier runs into ``out`` (:func:`earlier_rows`), in the file's order; each row records its commit."""
+    all_rows = load_rows(rows_path)
+    rows = all_rows
     if only:
         unknown = sorted(set(only) - {r.name for r in rows})
         if unknown:
@@ -192,12 +207,14 @@ def run(profile: str, rows_path, out, *, only=None, workers: int = 2, n_threads:
         rows = [r for r in rows if r.name in only]
     settings = _settings(profile)
     out = Path(out)
+    done = earlier_rows(out, profile, all_rows)
     results = []
     for row in rows:
         t0 = time.time()
         results.append({**run_row(row, settings, out, workers=workers, n_threads=n_threads, log=log),
-                        "wall_s": round(time.time() - t0, 1)})
-        write_results(out, profile, results)
+                        "wall_s": round(time.time() - t0, 1), "git_commit": artifacts.git_commit()})
+        done[row.name] = results[-1]
+        write_results(out, profile, [done[r.name] for r in all_rows if r.name in done])
         r = results[-1]
         log(f"[{row.name}] own {100 * r['own_gain']:+.1f}, own-other {100 * r['own_minus_other']:+.1f}, "
             f"MoE2-S.A. {100 * r['moe2_minus_sa']:+.1f} points on {r['n_validation']} validation questions")
@@ -206,8 +223,7 @@ def run(profile: str, rows_path, out, *, only=None, workers: int = 2, n_threads:
 
 def write_results(out: Path, profile: str, results: list[dict]) -> None:
     """``ablation.json`` (with provenance) and ``table.csv`` (points, one decimal), written atomically."""
-    artifacts.write_json(out / "ablation.json", {"profile": profile, "rows": results,
-                                                 "git_commit": artifacts.git_commit()})
+    artifacts.write_json(out / "ablation.json", {"profile": profile, "rows": results})
     lines = [",".join(COLUMNS)]
     for r in results:
         lines.append(",".join([f'"{r["row"]}"'] + [f"{100 * r[c]:.1f}" for c in COLUMNS[1:5]]
