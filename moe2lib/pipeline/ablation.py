@@ -191,7 +191,7 @@ def earlier_rows(out: Path, profile: str, rows: list[Row]) -> dict[str, dict]:
     if old.get("profile") != profile:
         return {}
     changes = {r.name: r.changes for r in rows}
-    return {r["row"]: r for r in old.get("rows", []) if changes.get(r["row"], None) == r.get("changes")}
+    return {r["row"]: r for r in old.get("rows", []) if changes.get(r["row"]) == r.get("changes")}
 
 
 def run(profile: str, rows_path, out, *, only=None, workers: int = 2, n_threads: int = 2, log=print) -> list[dict]:

@@ -58,15 +58,16 @@ def _ablate(args):
 
     matplotlib.use("Agg")  # files only, no window
     from ..analysis import figures
+    from ..infra.artifacts import read_json
     from . import ablation, runner
 
     cfg, _ = runner.load_config(args.profile)
     profile = cfg.get("profile", Path(args.profile).stem)
     root = runner.out_root(profile)
     out = Path(args.out) if args.out else root / "artifacts" / "ablation"
-    results = ablation.run(args.profile, args.rows, out, only=args.row, workers=args.workers, n_threads=args.threads)
+    ablation.run(args.profile, args.rows, out, only=args.row, workers=args.workers, n_threads=args.threads)
     target = Path(args.out) / "ablation.png" if args.out else root / "figures" / "ablation.png"
-    figures.write_png(figures.ablation_rows(results), target)
+    figures.write_png(figures.ablation_rows(read_json(out / "ablation.json")["rows"]), target)  # rows run before too
     print(f"table: {out / 'table.csv'}; figure: {target}")
 
 
