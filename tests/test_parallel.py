@@ -88,3 +88,31 @@ def test_a_local_dask_cluster_of_two_single_thread_workers_gives_the_serial_file
     assert dask.experts.tolist() == ["a", "b", "c"] and not (tmp_path / "d.npz.experts").exists()
     with pytest.raises(InputError, match="scheduler"):
         parallel.run(pow, [(2, 2)], 2, scheduler="nowhere")
+
+
+def test_costliest_jobs_start_first_and_results_keep_the_jobs_order(tmp_path):
+    assert parallel.submission_order([3.0, 9.0, 1.0, 9.0], 4) == [1, 3, 0, 2]   # ties keep the given order
+    assert parallel.submission_order(None, 3) == [0, 1, 2]
+    with pytest.raises(InputError, match="2 cost estimates for 3 jobs"):
+        parallel.submission_order([1, 2], 3)
+    started = []
+    out = parallel.run(_record_start, [(i, started) for i in range(4)], 1, cost=[3.0, 9.0, 1.0, 5.0])
+    assert started == [1, 3, 0, 2] and out == [0, 10, 20, 30]
+
+
+def _record_start(i, started):
+    started.append(i)
+    return 10 * i
+
+
+def test_training_cost_counts_characters_times_epochs():
+    from moe2lib.data.loaders import Question
+    from moe2lib.data.tasks import ChoiceItem
+    from moe2lib.models import finetune
+
+    item = ChoiceItem("q1", "t", "x", ("ab", "abcd"), (" c", " de"), 1)
+    q = Question("what?", ("yes", "no"), 0, "s")
+    two = finetune.LoraFineTuner("smollm2-135m-instruct", finetune.LoraSettings(target="text", epochs=2))
+    assert finetune.training_cost(two, [item, item]) == 2 * 2 * (4 + 3)
+    letter = finetune.LoraFineTuner("smollm2-135m-instruct", finetune.LoraSettings(target="letter"))
+    assert finetune.training_cost(letter, [q]) == 5 + 3 + 2

@@ -59,8 +59,19 @@ def check_workers(workers) -> int:
     return check_int(workers, "workers")
 
 
+def submission_order(cost: Sequence[float] | None, n: int) -> list[int]:
+    """Job indices, costliest first (ties and ``cost`` None: the given order)."""
+    if cost is None:
+        return list(range(n))
+    cost = [float(c) for c in cost]
+    if len(cost) != n:
+        raise InputError(f"{len(cost)} cost estimates for {n} jobs", param="cost")
+    return sorted(range(n), key=lambda i: -cost[i])
+
+
 def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | None = None,
-        scheduler: str | None = None, on_result: Callable | None = None, **kwargs) -> list:
+        scheduler: str | None = None, on_result: Callable | None = None, cost: Sequence[float] | None = None,
+        **kwargs) -> list:
     """``[fn(*job, **kwargs) for job in jobs]``, in ``workers`` fresh (spawned) processes when ``workers > 1``.
 
     ``fn`` must be importable (a module-level function) and the jobs plain, picklable data; results come
@@ -68,12 +79,16 @@ def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | No
     save it at once, so a rerun resumes). The first error is raised once the running jobs end; jobs not
     yet started are cancelled. ``desc`` shows a progress bar over the jobs.
 
+    ``cost`` (one estimate per job) starts the costliest jobs first: a long job started last would run
+    alone while the other workers idle (longest-processing-time-first scheduling).
+
     ``scheduler`` sends the jobs to Dask distributed instead: ``"local"`` starts a cluster of ``workers``
     single-thread worker processes on 127.0.0.1 for this call; ``"tcp://host:8786"`` uses a running
     scheduler, whose workers need moe2lib, the models and the data at the same paths as here.
     """
     jobs = [tuple(j) for j in jobs]
     workers = check_workers(workers)
+    order = submission_order(cost, len(jobs))
     call = functools.partial(fn, **kwargs)
     out = [None] * len(jobs)
     bar = None
@@ -90,14 +105,14 @@ def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | No
 
     try:
         if scheduler is not None:
-            _run_dask(call, jobs, workers, scheduler, done)
+            _run_dask(call, jobs, workers, scheduler, done, order)
         elif workers == 1 or len(jobs) <= 1:
-            for i, job in enumerate(jobs):
-                done(i, call(*job))
+            for i in order:
+                done(i, call(*jobs[i]))
         else:
             ctx = multiprocessing.get_context("spawn")  # fork would copy torch's and llama.cpp's thread pools
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-                futures = {pool.submit(_traced, call, *job): i for i, job in enumerate(jobs)}
+                futures = {pool.submit(_traced, call, *jobs[i]): i for i in order}
                 try:
                     for f in as_completed(futures):
                         done(futures[f], _untraced(f.result()))
@@ -111,7 +126,7 @@ def run(fn: Callable, jobs: Sequence[tuple], workers: int = 1, *, desc: str | No
             bar.close()
 
 
-def _run_dask(call, jobs, workers: int, scheduler: str, done) -> None:
+def _run_dask(call, jobs, workers: int, scheduler: str, done, order: list[int]) -> None:
     if not isinstance(scheduler, str) or not (scheduler == "local" or "://" in scheduler):
         raise InputError(f"must be 'local' or a scheduler address such as 'tcp://host:8786', not {scheduler!r}",
                          param="scheduler")
@@ -128,8 +143,9 @@ def _run_dask(call, jobs, workers: int, scheduler: str, done) -> None:
             client = stack.enter_context(Client(cluster))
         else:
             client = stack.enter_context(Client(scheduler))
-        futures = [client.submit(_traced, call, *job, pure=False) for job in jobs]
-        index = {f.key: i for i, f in enumerate(futures)}
+        futures = [client.submit(_traced, call, *jobs[i], pure=False, priority=len(jobs) - rank)
+                   for rank, i in enumerate(order)]
+        index = {f.key: i for f, i in zip(futures, order)}
         try:
             for f in dask_completed(futures):
                 done(index[f.key], _untraced(f.result()))

@@ -637,16 +637,28 @@ def _fit_job(tuner: LoraFineTuner, questions, out_dir) -> bool:
     return not fit_saved(tuner, questions, out_dir).skipped_
 
 
+def training_cost(tuner: LoraFineTuner, questions: Sequence) -> float:
+    """A job's relative training time: characters of its questions (context and gold answer of a ChoiceItem,
+    question and choices of a Question), times the epochs; :func:`fit_all` starts the costliest first."""
+    def chars(q):
+        if isinstance(q, Question):
+            return len(q.question) + sum(map(len, q.choices))
+        return len(q.contexts[q.gold]) + len(q.continuations[q.gold])
+    return tuner.settings.epochs * sum(map(chars, questions))
+
+
 def fit_all(jobs, workers: int = 1) -> list[LoraFineTuner]:
     """:func:`fit_saved` of ``(tuner, questions, out_dir)`` jobs, ``workers`` at once in processes of their own.
 
     The tuners returned are read back from their folders, with ``skipped_`` False for the ones trained now.
+    The costliest jobs (:func:`training_cost`) start first, so that the last to start are short ones.
     Give each tuner ``n_threads`` = the cores / ``workers``.
     """
     jobs = [tuple(j) for j in jobs]
     if parallel.check_workers(workers) == 1:
         return [fit_saved(tuner, q, d) for tuner, q, d in jobs]
-    trained = parallel.run(_fit_job, jobs, workers, desc=f"LoRA fine-tuning ({workers} at once)")
+    trained = parallel.run(_fit_job, jobs, workers, desc=f"LoRA fine-tuning ({workers} at once)",
+                           cost=[training_cost(tuner, q) for tuner, q, _ in jobs])
     out = []
     for (tuner, q, d), now in zip(jobs, trained):
         fit_saved(tuner, q, d)
