@@ -53,3 +53,25 @@ def test_smoke_ablation_measures_each_row_on_validation_and_resumes(tmp_path):
     kept = json.loads((out / "ablation.json").read_text())["rows"]   # the row not rerun stays, in file order
     assert [r["row"] for r in kept] == ["as configured", "rank 4"] and kept[0] == first[0]
     assert all(r["git_commit"] for r in kept) and len((out / "table.csv").read_text().splitlines()) == 3
+
+
+def test_base_is_checked_and_rows_measured_at_another_base_are_not_kept(tmp_path):
+    rows = tmp_path / "rows.yaml"
+    rows.write_text("base: {epochs: 1, lr: 0.001}\n" + ROWS)
+    assert ablation.load_base(rows) == {"epochs": 1, "lr": 0.001}
+    assert ablation.load_base(CONFIGS / "ablation.yaml") == {"n_clusters": 8, "epochs": 1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# the base\nbase: {epoch: 2}\n" + ROWS)
+    with pytest.raises(InputError, match="epoch") as err:
+        ablation.load_base(bad)
+    assert err.value.line == 2
+    listed = ablation.load_rows(rows)
+    measured = [{"row": r.name, "changes": r.changes, "own_gain": 0.1, "own_minus_other": 0.05,
+                 "moe2_minus_sa": 0.02, "router_minus_sa": 0.01, "train_s_per_expert": 9.0, "n_validation": 30}
+                for r in listed]
+    ablation.write_results(tmp_path, "smoke", measured, {"epochs": 1, "lr": 0.001})
+    assert list(ablation.earlier_rows(tmp_path, "smoke", listed, {"epochs": 1, "lr": 0.001})) == [
+        "as configured", "rank 4"]
+    assert ablation.earlier_rows(tmp_path, "smoke", listed, {"epochs": 2}) == {}   # another base: measured again
+    assert ablation.earlier_rows(tmp_path, "default", listed, {"epochs": 1, "lr": 0.001}) == {}
+    assert list(ablation.earlier_rows(tmp_path, "smoke", [listed[1]], {"epochs": 1, "lr": 0.001})) == ["rank 4"]

@@ -86,6 +86,24 @@ def load_rows(path) -> list[Row]:
     return rows
 
 
+def load_base(path) -> dict:
+    """The ablation file's ``base``: knob values every row starts from, on top of the profile's, so the rows
+    keep their meaning when the profile's defaults change (empty when the file has none)."""
+    import yaml
+
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    base = doc.get("base") or {}
+    if not isinstance(base, dict):
+        raise InputError("'base' is a mapping of knobs to values", path=path, line=yaml_line(path, "base"),
+                         param="base")
+    unknown = sorted(set(base) - set(KNOBS))
+    if unknown:
+        raise InputError(f"base changes unknown settings {unknown}; known: {', '.join(KNOBS)}", path=path,
+                         line=yaml_line(path, "base"), param="base")
+    return base
+
+
 def _settings(profile: str) -> dict[str, dict]:
     """The clustering, experts, scoring and gating stages' parameters for ``profile`` (notebook defaults +
     the profile's values), as the pipeline would run them."""
@@ -181,14 +199,14 @@ def _scored(items, path: Path, names, reuse: bool, build, normalisation: str, wo
     return scoring.score_items(items, build(), path, normalisation=normalisation, workers=workers)
 
 
-def earlier_rows(out: Path, profile: str, rows: list[Row]) -> dict[str, dict]:
-    """The results already in ``<out>/ablation.json`` for this profile whose row is still in ``rows`` with
-    the same changes, by name: a later run of other rows keeps them in the table."""
+def earlier_rows(out: Path, profile: str, rows: list[Row], base: dict | None = None) -> dict[str, dict]:
+    """The results already in ``<out>/ablation.json`` for this profile and base whose row is still in
+    ``rows`` with the same changes, by name: a later run of other rows keeps them in the table."""
     path = Path(out) / "ablation.json"
     if not path.exists():
         return {}
     old = artifacts.read_json(path)
-    if old.get("profile") != profile:
+    if old.get("profile") != profile or old.get("base", {}) != (base or {}):
         return {}
     changes = {r.name: r.changes for r in rows}
     return {r["row"]: r for r in old.get("rows", []) if changes.get(r["row"]) == r.get("changes")}
@@ -205,25 +223,28 @@ def run(profile: str, rows_path, out, *, only=None, workers: int = 2, n_threads:
         if unknown:
             raise InputError(f"no rows named {unknown} in the ablation file", path=rows_path, param="rows")
         rows = [r for r in rows if r.name in only]
+    base = load_base(rows_path)
     settings = _settings(profile)
     out = Path(out)
-    done = earlier_rows(out, profile, all_rows)
+    done = earlier_rows(out, profile, all_rows, base)
     results = []
     for row in rows:
         t0 = time.time()
-        results.append({**run_row(row, settings, out, workers=workers, n_threads=n_threads, log=log),
-                        "wall_s": round(time.time() - t0, 1), "git_commit": artifacts.git_commit()})
+        measured = run_row(Row(row.name, {**base, **row.changes}), settings, out, workers=workers,
+                           n_threads=n_threads, log=log)
+        results.append({**measured, "changes": row.changes, "wall_s": round(time.time() - t0, 1),
+                        "git_commit": artifacts.git_commit()})
         done[row.name] = results[-1]
-        write_results(out, profile, [done[r.name] for r in all_rows if r.name in done])
+        write_results(out, profile, [done[r.name] for r in all_rows if r.name in done], base)
         r = results[-1]
         log(f"[{row.name}] own {100 * r['own_gain']:+.1f}, own-other {100 * r['own_minus_other']:+.1f}, "
             f"MoE2-S.A. {100 * r['moe2_minus_sa']:+.1f} points on {r['n_validation']} validation questions")
     return results
 
 
-def write_results(out: Path, profile: str, results: list[dict]) -> None:
+def write_results(out: Path, profile: str, results: list[dict], base: dict | None = None) -> None:
     """``ablation.json`` (with provenance) and ``table.csv`` (points, one decimal), written atomically."""
-    artifacts.write_json(out / "ablation.json", {"profile": profile, "rows": results})
+    artifacts.write_json(out / "ablation.json", {"profile": profile, "base": base or {}, "rows": results})
     lines = [",".join(COLUMNS)]
     for r in results:
         lines.append(",".join([f'"{r["row"]}"'] + [f"{100 * r[c]:.1f}" for c in COLUMNS[1:5]]

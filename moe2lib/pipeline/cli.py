@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every stage notebook with the profile's parameters. A stage whose "
                                    "parameters, notebook, library and inputs are unchanged is skipped.")
     r.add_argument("--profile", default="default",
-                   help="smoke (CI, minutes), default (the reference run, <60 min on 2 cores), paper "
-                        "(all 14,042 MMLU questions), or a path to a YAML file (default: %(default)s)")
+                   help="smoke (CI, minutes), default (the reference run; its time on 2 cores is in the README), "
+                        "paper (all 14,042 MMLU questions), or a path to a YAML file (default: %(default)s)")
     r.add_argument("--stages", help="comma-separated subset of stages (see `stages`)")
     r.add_argument("--force", action="store_true", help="rerun stages even when up to date")
     r.add_argument("--out", help="folder for artifacts/ and figures/ (default: the repository for the "
