@@ -72,3 +72,24 @@ def test_recorded_paths_are_relative_to_the_repo_or_the_shared_data_beside_it(tm
     assert artifacts.portable_path(elsewhere) == str(elsewhere.resolve())
     assert artifacts.input_hashes([inside, elsewhere]) == {
         "configs/default.yaml": artifacts.file_sha256(inside), str(elsewhere.resolve()): artifacts.file_sha256(elsewhere)}
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_the_pipelines_outputs(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for name in ("code.py", "artifacts/x/metrics.json", "figures/f.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("1")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = artifacts.git_commit(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "artifacts/x/metrics.json").write_text("2")
+    (tmp_path / "figures/f.png").write_text("2")
+    assert artifacts.git_commit(tmp_path) == clean   # a run rewriting its outputs is still this commit
+    (tmp_path / "code.py").write_text("2")
+    assert artifacts.git_commit(tmp_path) == clean + "-dirty"

@@ -145,12 +145,17 @@ def digest(obj) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+OUTPUTS = ("artifacts", "figures")   # what the pipeline itself writes into the checkout
+
+
 def git_commit(repo: Path = REPO_ROOT) -> str | None:
-    """The checkout's commit, with ``-dirty`` when tracked files differ from it."""
+    """The checkout's commit, with ``-dirty`` when tracked files other than the pipeline's outputs
+    (``artifacts/``, ``figures/``, rewritten by the run itself) differ from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){d}" for d in OUTPUTS)], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
