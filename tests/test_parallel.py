@@ -90,7 +90,7 @@ def test_a_local_dask_cluster_of_two_single_thread_workers_gives_the_serial_file
         parallel.run(pow, [(2, 2)], 2, scheduler="nowhere")
 
 
-def test_costliest_jobs_start_first_and_results_keep_the_jobs_order(tmp_path):
+def test_costliest_jobs_start_first_and_results_keep_the_jobs_order():
     assert parallel.submission_order([3.0, 9.0, 1.0, 9.0], 4) == [1, 3, 0, 2]   # ties keep the given order
     assert parallel.submission_order(None, 3) == [0, 1, 2]
     with pytest.raises(InputError, match="2 cost estimates for 3 jobs"):
