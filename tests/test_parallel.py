@@ -114,5 +114,5 @@ def test_training_cost_counts_characters_times_epochs():
     q = Question("what?", ("yes", "no"), 0, "s")
     two = finetune.LoraFineTuner("smollm2-135m-instruct", finetune.LoraSettings(target="text", epochs=2))
     assert finetune.training_cost(two, [item, item]) == 2 * 2 * (4 + 3)
-    letter = finetune.LoraFineTuner("smollm2-135m-instruct", finetune.LoraSettings(target="letter"))
+    letter = finetune.LoraFineTuner("smollm2-135m-instruct", finetune.LoraSettings(target="letter", epochs=1))
     assert finetune.training_cost(letter, [q]) == 5 + 3 + 2

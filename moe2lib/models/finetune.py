@@ -158,7 +158,7 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: Sequence[str] = PROJECTIONS
     cutoff_len: int = 256
-    epochs: int = 1
+    epochs: int = 2  # one underfits (docs/method.md §8)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
