@@ -59,15 +59,20 @@ class Row:
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
 
-def load_rows(path) -> list[Row]:
-    """The rows of an ablation file (``rows: [{name: ..., <knob>: value, ...}, ...]``), checked."""
-    path = Path(path)
+def _read(path: Path):
+    """The parsed ablation file; an unreadable file or bad YAML is an InputError naming it."""
     import yaml
 
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"cannot read the ablation file: {exc}", path=path) from None
+
+
+def load_rows(path) -> list[Row]:
+    """The rows of an ablation file (``rows: [{name: ..., <knob>: value, ...}, ...]``), checked."""
+    path = Path(path)
+    doc = _read(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or not doc["rows"]:
         raise InputError("an ablation file holds a non-empty list 'rows'", path=path, param="rows")
     rows = []
@@ -89,11 +94,9 @@ def load_rows(path) -> list[Row]:
 def load_base(path) -> dict:
     """The ablation file's ``base``: knob values every row starts from, on top of the profile's, so the rows
     keep their meaning when the profile's defaults change (empty when the file has none)."""
-    import yaml
-
     path = Path(path)
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    base = doc.get("base") or {}
+    doc = _read(path)
+    base = (doc.get("base") if isinstance(doc, dict) else None) or {}
     if not isinstance(base, dict):
         raise InputError("'base' is a mapping of knobs to values", path=path, line=yaml_line(path, "base"),
                          param="base")
