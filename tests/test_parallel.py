@@ -37,6 +37,23 @@ def test_scoring_experts_in_processes_gives_the_serial_file(tmp_path):
     assert both.experts.tolist() == ["a", "b", "c"]
     assert not (tmp_path / "p.npz.experts").exists()
     np.testing.assert_array_equal(Scores.load(tmp_path / "p.npz").probs, serial.probs)
+    # one expert, or more workers than experts: each expert's rows in shards, one per worker, put back in order
+    one = scoring.score_questions(qs, [HashExpert("b")], tmp_path / "one.npz", chunk=8, progress=False, workers=2)
+    three = scoring.score_questions(qs[:5], [HashExpert("a"), HashExpert("c")], tmp_path / "three.npz", chunk=2,
+                                    progress=False, workers=3)
+    np.testing.assert_array_equal(one.probs[:, 0], serial.probs[:, 1])
+    np.testing.assert_array_equal(one.qid, serial.qid)
+    np.testing.assert_array_equal(three.probs, serial.probs[:5, [0, 2]])
+    assert not (tmp_path / "one.npz.experts").exists()
+
+
+def test_scoring_cost_is_the_model_file_size():
+    """The larger model's shards start first; an expert whose model cannot be found counts 1."""
+    from moe2lib.models.experts import Expert
+
+    gemma, smol = scoring._cost(Expert("gemma3-270m")), scoring._cost(Expert("smollm2-135m-instruct"))
+    assert gemma > 1.5 * smol > 1e8
+    assert scoring._cost(HashExpert("a")) == 1.0
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from moe2lib.core.scores import (
     align,
     cluster_accuracy,
     concat_experts,
+    concat_rows,
     lookup_clusters,
     own_cluster_accuracy,
     own_minus_other_gain,
@@ -72,6 +73,15 @@ def test_concat_experts_and_base_columns():
         scoring.base_columns(a, ["gemma3-270m"])
     with pytest.raises(InputError, match="same questions"):
         concat_experts(a, align(a, a.qid[::-1]))
+
+
+def test_concat_rows_undoes_a_split_into_shards():
+    s = _scores([[0, 1], [1, 1], [2, 0], [3, 2], [0, 0]], [0, 1, 2, 3, 0], ["e0", "e1"])
+    back = concat_rows(s.subset([0, 1]), s.subset([2]), s.subset([3, 4]))
+    for field in ("probs", "answer", "task", "qid", "n_tokens", "experts"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(s, field))
+    with pytest.raises(InputError, match="same experts"):
+        concat_rows(s.subset([0]), _scores([[0]], [0], ["e0"], qid=["z:1"]))
 
 
 def test_own_minus_other_gain_against_the_experts_base_columns():

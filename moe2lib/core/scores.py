@@ -193,6 +193,20 @@ def concat_experts(*parts: Scores) -> Scores:
                   first.n_choices)
 
 
+def concat_rows(*parts: Scores) -> Scores:
+    """One Scores with the rows of all parts one after another; every part must have the same experts and width."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.experts.tolist() != first.experts.tolist() or p.probs.shape[1:] != first.probs.shape[1:]:
+            raise InputError("scores to stack must have the same experts and choice width", param="experts")
+    if len({p.n_choices is None for p in parts}) > 1:
+        raise InputError("scores to stack must all record n_choices or none", param="n_choices")
+    return Scores(np.concatenate([p.probs for p in parts]), np.concatenate([p.answer for p in parts]),
+                  np.concatenate([p.task for p in parts]), np.concatenate([p.qid for p in parts]),
+                  np.concatenate([p.n_tokens for p in parts]), first.experts,
+                  None if first.n_choices is None else np.concatenate([p.n_choices for p in parts]))
+
+
 def lookup_clusters(qid, cluster_qid, cluster, path=None) -> np.ndarray:
     """The cluster of each ``qid`` from a (cluster_qid, cluster) table such as clusters.npz's eval_qid and
     eval_cluster."""

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..core.scores import Scores, concat_experts
+from ..core.scores import Scores, concat_experts, concat_rows
 from ..data.loaders import DEFAULT_TEMPLATE, Question, format_prompt
-from ..errors import InputError
+from ..errors import InputError, Moe2Error
 from ..infra import artifacts, parallel
 
 
@@ -25,12 +25,12 @@ def score_questions(questions: Sequence[Question], experts, out_path, *, templat
                     chunk: int = 32, progress: bool = True, workers: int = 1, scheduler: str | None = None) -> Scores:
     """Score every question by its answer letter with every expert; resumable, written atomically to ``out_path``.
 
-    ``workers > 1`` scores that many experts at once, each in a process of its own, ``scheduler`` on
-    Dask workers (see :func:`_per_process`).
+    ``workers > 1`` scores in that many processes at once, ``scheduler`` on Dask workers (see
+    :func:`_per_process`).
     """
     if not questions:
         raise InputError("no questions to score", param="questions")
-    if (parallel.check_workers(workers) > 1 or scheduler is not None) and len(experts) > 1:
+    if parallel.check_workers(workers) > 1 or scheduler is not None:
         return _per_process(score_questions, questions, experts, out_path, workers, [q.source for q in questions],
                             scheduler, template=template, chunk=chunk)
     n_choices = {len(q.choices) for q in questions}
@@ -55,15 +55,15 @@ def score_items(items, experts, out_path, *, normalisation: str = "char", width:
     Each expert's distribution over a question's choices is the softmax of its normalised continuation
     log-likelihoods (:func:`moe2lib.core.choice.normalise`); rows are padded with zeros to ``width`` choices
     (default: the most any item has) and ``n_choices`` records the real count. ``n_tokens`` is the length
-    of the (first choice's) prompt in each expert's tokens. ``workers > 1`` scores that many experts at
-    once, each in a process of its own, ``scheduler`` on Dask workers (see :func:`_per_process`).
+    of the (first choice's) prompt in each expert's tokens. ``workers > 1`` scores in that many processes
+    at once, ``scheduler`` on Dask workers (see :func:`_per_process`).
     """
     from ..core import choice
 
     if not items:
         raise InputError("no questions to score", param="items")
     width = width or max(it.n_choices for it in items)
-    if (parallel.check_workers(workers) > 1 or scheduler is not None) and len(experts) > 1:
+    if parallel.check_workers(workers) > 1 or scheduler is not None:
         return _per_process(score_items, items, experts, out_path, workers, [it.qid for it in items],
                             scheduler, normalisation=normalisation, width=width, chunk=chunk)
     requests = [it.pairs() for it in items]
@@ -89,26 +89,48 @@ def _keyed_folder(folder: Path, key: str, **about) -> None:
     artifacts.write_json(manifest, {"key": key, **about})
 
 
-def _per_process(fn, work, experts, out_path, workers: int, qid, scheduler=None, **kwargs) -> Scores:
-    """``fn(work, [expert], ...)`` for each expert in ``workers`` processes (or on the Dask workers of
-    ``scheduler``, see :func:`moe2lib.infra.parallel.run`), then one Scores at ``out_path``.
+def _cost(expert) -> float:
+    """Relative work of scoring with ``expert``: the size of its model file (compute per token grows with the
+    weights; Gemma-3-270M's file is twice SmolLM2-135M's, and it scores ~1.6x slower here); 1.0 if unknown."""
+    from .registry import locate
 
-    Each expert's scores are saved here to ``<out>.experts/<j>.npz`` as soon as it is done, so a rerun
-    scores only the missing experts (a local worker also checkpoints inside its expert); the folder is keyed
-    by the questions, the options and the experts' identities, and removed once the whole result is
-    written. The experts are sent unloaded: each worker loads its own model.
+    try:
+        path = locate(expert.model)
+    except (Moe2Error, OSError):  # the worker that loads it will say what is wrong
+        return 1.0
+    return float(path.stat().st_size) if path.is_file() else 1.0
+
+
+def _per_process(fn, work, experts, out_path, workers: int, qid, scheduler=None, **kwargs) -> Scores:
+    """``fn(work[rows], [expert], ...)`` for each expert and shard of rows in ``workers`` processes (or on the
+    Dask workers of ``scheduler``, see :func:`moe2lib.infra.parallel.run`), then one Scores at ``out_path``.
+
+    Each expert's rows are cut into ``workers`` shards and the costliest jobs start first (:func:`_cost`
+    times the shard's rows): with whole experts as jobs, two base models of unequal size on two workers
+    left one worker idle for a third of the stage. Each shard's scores are saved here to
+    ``<out>.experts/<j>-<s>.npz`` as soon as it is done, so a rerun scores only the missing ones (a local
+    worker also checkpoints inside its shard); the folder is keyed by the questions, the options, the
+    shards and the experts' identities, and removed once the whole result is written. The experts are sent
+    unloaded: each worker loads its own model.
     """
     out_path = Path(out_path)
     folder = out_path.with_name(out_path.name + ".experts")
+    shards = [r for r in np.array_split(np.arange(len(work)), workers) if len(r)]
     key = artifacts.digest({"qid": list(qid), "options": kwargs, "experts": [e.label for e in experts],
-                            "identity": [e.identity() for e in experts]})
+                            "identity": [e.identity() for e in experts], "shards": [len(r) for r in shards]})
     _keyed_folder(folder, key)
-    paths = [folder / f"{j}.npz" for j in range(len(experts))]
-    todo = [j for j in range(len(experts)) if not paths[j].exists()]
-    parallel.run(fn, [(work, [experts[j]], paths[j]) for j in todo], workers, scheduler=scheduler,
-                 on_result=lambda i, scores: scores.save(paths[todo[i]]),
-                 desc=f"scoring {out_path.name} ({workers} experts at once)", progress=False, **kwargs)
-    scores = concat_experts(*[Scores.load(p) for p in paths])
+    jobs = [(j, s) for j in range(len(experts)) for s in range(len(shards))]
+    paths = {(j, s): folder / f"{j}-{s}.npz" for j, s in jobs}
+    todo = [js for js in jobs if not paths[js].exists()]
+    cost = {j: _cost(e) for j, e in enumerate(experts)}
+    parallel.run(fn, [([work[i] for i in shards[s]], [experts[j]], paths[j, s]) for j, s in todo], workers,
+                 scheduler=scheduler, on_result=lambda i, scores: scores.save(paths[todo[i]]),
+                 cost=[cost[j] * len(shards[s]) for j, s in todo],
+                 desc=f"scoring {out_path.name} ({workers} processes)", progress=False, **kwargs)
+    scores = concat_experts(*[concat_rows(*[Scores.load(paths[j, s]) for s in range(len(shards))])
+                              for j in range(len(experts))])
+    if not np.array_equal(scores.qid, np.asarray(qid)):
+        raise RuntimeError(f"the shards of {out_path.name} came back out of order")  # a bug, not bad input
     scores.save(out_path)
     shutil.rmtree(folder, ignore_errors=True)
     return scores
