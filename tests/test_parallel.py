@@ -48,7 +48,8 @@ def test_scoring_experts_in_processes_gives_the_serial_file(tmp_path):
 
 
 def test_scoring_cost_is_the_model_file_size():
-    """The larger model's shards start first; an expert whose model cannot be found counts 1."""
+    """What orders the shards (costliest first): Gemma's file is over 1.5x SmolLM2's; an expert whose model
+    cannot be found counts 1."""
     from moe2lib.models.experts import Expert
 
     gemma, smol = scoring._cost(Expert("gemma3-270m")), scoring._cost(Expert("smollm2-135m-instruct"))
