@@ -88,6 +88,21 @@ def test_plain_config_drops_the_gguf_quantization_config(tmp_path):
 
 
 @pytest.mark.slow
+def test_conversion_leaves_torchs_random_numbers_alone(tmp_path, monkeypatch):
+    """Converting a GGUF builds a model with fresh random weights; the caller's torch RNG must not see it, or a
+    LoRA job that converts its base model first would start from another adapter than one that finds it cached."""
+    import torch
+
+    monkeypatch.setattr(registry, "cache_dir", lambda: tmp_path)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    path = registry.hf_model_dir("smollm2-135m-instruct")
+    assert path.parent == tmp_path / "hf" and (path / "config.json").exists()
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_cached_checkpoint_is_plain_and_loads_by_itself(name):
     """The cached transformers checkpoint loads with ``from_pretrained(path)`` and nothing else (as lm-eval's

@@ -465,9 +465,10 @@ class LoraFineTuner:
         import torch
 
         t0 = time.time()
+        base, tok = self.load_base()
+        # seeded after loading: a first load that converts the GGUF draws from torch's RNG (fresh weights)
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        base, tok = self.load_base()
         model = self._peft_model(base)
         plan = self._plan(self.encode(tok, questions), rng)
         history = self._optimize(model, plan, pad=tok.pad_token_id if tok.pad_token_id is not None else 0)
