@@ -653,11 +653,14 @@ def fit_all(jobs, workers: int = 1) -> list[LoraFineTuner]:
 
     The tuners returned are read back from their folders, with ``skipped_`` False for the ones trained now.
     The costliest jobs (:func:`training_cost`) start first, so that the last to start are short ones.
-    Give each tuner ``n_threads`` = the cores / ``workers``.
+    Give each tuner ``n_threads`` = the cores / ``workers``. Base models are converted (``registry.hf_model_dir``)
+    here first, so that workers do not convert the same model twice at once.
     """
     jobs = [tuple(j) for j in jobs]
     if parallel.check_workers(workers) == 1:
         return [fit_saved(tuner, q, d) for tuner, q, d in jobs]
+    for name in dict.fromkeys(tuner.base_model for tuner, _, _ in jobs):
+        registry.hf_model_dir(name)
     trained = parallel.run(_fit_job, jobs, workers, desc=f"LoRA fine-tuning ({workers} at once)",
                            cost=[training_cost(tuner, q) for tuner, q, _ in jobs])
     out = []
